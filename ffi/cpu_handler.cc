@@ -1,0 +1,421 @@
+// jax_ddl_allreduce on CPU: DDL's multi-dimensional allreduce over the devices of one
+// process through shared memory. Each device thread reads its peers' buffers directly,
+// reduces the slice it owns at each stage, and copies the peers' slices back in reverse.
+#include "cpu_handler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "rendezvous.h"
+#include "topology.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_ddl {
+namespace {
+
+uint64_t Nanos(Clock::time_point a, Clock::time_point b) {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count());
+}
+
+// Where one rank's copy of the (virtual, concatenated) data lives: its buffers, split at
+// the shared layout offsets, or one contiguous scratch array.
+struct View {
+  char* const* segs = nullptr;
+  char* flat = nullptr;
+  int64_t elem = 0;
+  char* At(const int64_t* offsets, int64_t seg, int64_t e) const {
+    return flat ? flat + e * elem : segs[seg] + (e - offsets[seg]) * elem;
+  }
+};
+
+// Calls fn(seg, begin, len) for the pieces of `r` that lie inside one buffer each.
+template <typename Fn>
+void ForEachPiece(const std::vector<int64_t>& offsets, Range r, Fn&& fn) {
+  if (r.size() <= 0) return;
+  int64_t seg = std::upper_bound(offsets.begin(), offsets.end(), r.begin) - offsets.begin() - 1;
+  int64_t pos = r.begin;
+  const int64_t num_segs = static_cast<int64_t>(offsets.size()) - 1;
+  while (pos < r.end && seg < num_segs) {
+    const int64_t end = std::min(r.end, offsets[seg + 1]);
+    if (end > pos) fn(seg, pos, end - pos);
+    pos = std::max(pos, end);
+    ++seg;
+  }
+}
+
+// Everything one call needs, gathered by the handler before dtype dispatch.
+struct Call {
+  int64_t run_id;
+  int64_t device;
+  int64_t rank;
+  int64_t group;
+  Op op;
+  int64_t call_id;
+  int64_t small_bytes;
+  Clock::time_point deadline;
+  Descriptor desc;
+  const Plan* plan;
+  SiteState* site;
+  const std::vector<int64_t>* offsets;
+  RendezvousKey key;
+  const std::string* context;
+};
+
+template <typename A, typename S, typename D>
+void ReduceDispatch(Op op, const char* const* srcs, int64_t n_src, char* dst, int64_t n) {
+  switch (op) {
+    case Op::kSum: return ReduceKernel<Op::kSum, A, S, D>(srcs, n_src, dst, n);
+    case Op::kMax: return ReduceKernel<Op::kMax, A, S, D>(srcs, n_src, dst, n);
+    case Op::kMin: return ReduceKernel<Op::kMin, A, S, D>(srcs, n_src, dst, n);
+  }
+}
+
+template <typename A, typename S>
+void AccumulateDispatch(Op op, bool first, const S* src, A* acc, int64_t n) {
+  switch (op) {
+    case Op::kSum: return Accumulate<Op::kSum, A, S>(first, src, acc, n);
+    case Op::kMax: return Accumulate<Op::kMax, A, S>(first, src, acc, n);
+    case Op::kMin: return Accumulate<Op::kMin, A, S>(first, src, acc, n);
+  }
+}
+
+ffi::Error Fail(ffi::ErrorCode code, const std::string& msg) {
+  GetCounters().errors.fetch_add(1, std::memory_order_relaxed);
+  return ffi::Error(code, msg);
+}
+
+ffi::Error FailRendezvous(const std::string& msg) {
+  const bool timeout = msg.find("timed out") != std::string::npos;
+  return Fail(timeout ? ffi::ErrorCode::kDeadlineExceeded : ffi::ErrorCode::kFailedPrecondition,
+              msg);
+}
+
+// Small messages: one barrier. Each rank copies its input into one half of a
+// double-buffered staging area, then every rank reduces all of it in plan order. The next
+// call at this site writes the other half, and the one after can only start once every
+// peer has arrived at the next call, i.e. finished reading: no exit barrier is needed.
+template <typename T>
+ffi::Error RunSmall(const Call& c) {
+  using A = typename AccumOf<T>::type;
+  SiteState& site = *c.site;
+  const Plan& plan = *c.plan;
+  const int64_t count = c.desc.count;
+  const auto& offsets = *c.offsets;
+  std::vector<char>& staging = site.staging[site.sequence & 1];
+  staging.resize(count * sizeof(T));
+  ForEachPiece(offsets, Range{0, count}, [&](int64_t seg, int64_t begin, int64_t len) {
+    std::memcpy(staging.data() + begin * sizeof(T), site.inputs[seg], len * sizeof(T));
+  });
+  Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(), nullptr, staging.data()};
+  const auto t0 = Clock::now();
+  Rendezvous* r = Registry::Get().Join(c.key, plan.num_ranks(), *c.context);
+  std::string error;
+  const bool ok = r->Arrive(c.rank, me, c.deadline, &error);
+  if (ok) {
+    for (int64_t q = 0; q < plan.num_ranks(); ++q) site.peer_ptrs[q] = r->member(q).staging;
+  }
+  Registry::Get().Leave(r);
+  if (!ok) return FailRendezvous(error);
+  const auto t1 = Clock::now();
+
+  // Nested accumulation in plan order: level j holds the partial sum over dimension j.
+  constexpr int64_t kBlock = 1024;
+  const int levels = plan.num_stages();
+  site.accum.resize(levels * kBlock * sizeof(A));
+  A* acc = reinterpret_cast<A*>(site.accum.data());
+  for (int64_t base = 0; base < count; base += kBlock) {
+    const int64_t m = std::min(kBlock, count - base);
+    for (int64_t q = 0; q < plan.num_ranks(); ++q) {
+      const T* src = reinterpret_cast<const T*>(site.peer_ptrs[q]) + base;
+      AccumulateDispatch<A, T>(c.op, plan.Coord(q, 0) == 0, src, acc, m);
+      for (int j = 0; j + 1 < levels && plan.Coord(q, j) == plan.dim(j) - 1; ++j) {
+        AccumulateDispatch<A, A>(c.op, plan.Coord(q, j + 1) == 0, acc + j * kBlock,
+                                 acc + (j + 1) * kBlock, m);
+      }
+    }
+    const A* result = acc + (levels - 1) * kBlock;
+    ForEachPiece(offsets, Range{base, base + m}, [&](int64_t seg, int64_t begin, int64_t len) {
+      T* out = reinterpret_cast<T*>(site.outputs[seg] + (begin - offsets[seg]) * sizeof(T));
+      for (int64_t i = 0; i < len; ++i) out[i] = Store<T>(result[begin - base + i]);
+    });
+  }
+  Counters& k = GetCounters();
+  k.small_calls.fetch_add(1, std::memory_order_relaxed);
+  k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
+  k.small_ns.fetch_add(Nanos(t1, Clock::now()), std::memory_order_relaxed);
+  return ffi::Error::Success();
+}
+
+// Large messages: DDL's schedule. Reduce-scatter stage by stage (each rank reduces the
+// slice it owns from its group's buffers), then all-gather in reverse. Every element is
+// reduced in the plan's fixed order, so all ranks hold bitwise-identical results.
+template <typename T>
+ffi::Error RunLarge(const Call& c) {
+  using A = typename AccumOf<T>::type;
+  constexpr bool kSameAcc = std::is_same_v<A, T>;
+  SiteState& site = *c.site;
+  const Plan& plan = *c.plan;
+  const int64_t count = c.desc.count;
+  const auto& offsets = *c.offsets;
+  const int stages = plan.num_stages();
+  // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
+  const bool scratch = !kSameAcc && stages > 1;
+  if (scratch) site.inter.resize(count * sizeof(A));
+  Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(),
+            scratch ? site.inter.data() : nullptr, nullptr};
+
+  const auto t0 = Clock::now();
+  Rendezvous* r = Registry::Get().Join(c.key, plan.num_ranks(), *c.context);
+  std::string error;
+  if (!r->Arrive(c.rank, me, c.deadline, &error)) {
+    Registry::Get().Leave(r);
+    return FailRendezvous(error);
+  }
+  const auto t1 = Clock::now();
+  auto input_view = [&](int64_t q) { return View{r->member(q).inputs, nullptr, sizeof(T)}; };
+  auto output_view = [&](int64_t q) { return View{r->member(q).outputs, nullptr, sizeof(T)}; };
+  auto inter_view = [&](int64_t q) {
+    return scratch ? View{nullptr, r->member(q).inter, sizeof(A)} : output_view(q);
+  };
+
+  int phase = 1;
+  bool ok = true;
+  for (int s = 0; s < stages && ok; ++s) {
+    const int64_t group_size = plan.dim(s);
+    const bool last = s == stages - 1;
+    const bool src_acc = s > 0 && scratch;
+    const bool dst_acc = !last && scratch;
+    ForEachPiece(offsets, plan.Region(c.rank, s + 1, count),
+                 [&](int64_t seg, int64_t begin, int64_t len) {
+      for (int64_t g = 0; g < group_size; ++g) {
+        const int64_t q = plan.Peer(c.rank, s, g);
+        const View v = s == 0 ? input_view(q) : inter_view(q);
+        site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
+      }
+      char* dst = (last ? output_view(c.rank) : inter_view(c.rank)).At(offsets.data(), seg, begin);
+      if (src_acc && !dst_acc) {
+        ReduceDispatch<A, A, T>(c.op, site.peer_ptrs.data(), group_size, dst, len);
+      } else if (src_acc) {
+        ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), group_size, dst, len);
+      } else if (dst_acc) {
+        ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), group_size, dst, len);
+      } else {
+        ReduceDispatch<A, T, T>(c.op, site.peer_ptrs.data(), group_size, dst, len);
+      }
+    });
+    ok = r->Barrier(c.rank, phase++, "reduce-scatter", c.deadline, &error);
+  }
+  const auto t2 = Clock::now();
+  for (int s = stages - 1; s >= 0 && ok; --s) {
+    const View mine = output_view(c.rank);
+    for (int64_t g = 0; g < plan.dim(s); ++g) {
+      const int64_t q = plan.Peer(c.rank, s, g);
+      if (q == c.rank) continue;
+      const View theirs = output_view(q);
+      ForEachPiece(offsets, plan.Region(q, s + 1, count),
+                   [&](int64_t seg, int64_t begin, int64_t len) {
+        std::memcpy(mine.At(offsets.data(), seg, begin), theirs.At(offsets.data(), seg, begin),
+                    len * sizeof(T));
+      });
+    }
+    ok = r->Barrier(c.rank, phase++, s == 0 ? "all-gather (exit)" : "all-gather", c.deadline,
+                    &error);
+  }
+  Registry::Get().Leave(r);
+  if (!ok) return FailRendezvous(error);
+  Counters& k = GetCounters();
+  k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
+  k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
+  k.all_gather_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
+  return ffi::Error::Success();
+}
+
+template <typename T>
+ffi::Error RunTyped(const Call& c) {
+  if (c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.small_bytes) return RunSmall<T>(c);
+  return RunLarge<T>(c);
+}
+
+const char* DtypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::S32: return "int32";
+    case ffi::DataType::S64: return "int64";
+    default: return "an unsupported dtype";
+  }
+}
+
+ffi::Error ReadScalar(ffi::AnyBuffer buf, const char* what, int64_t* value) {
+  if (buf.element_type() != ffi::DataType::S32 || buf.element_count() != 1) {
+    return Fail(ffi::ErrorCode::kInvalidArgument,
+                std::string("jax_ddl_allreduce: operand '") + what + "' must be an int32 scalar");
+  }
+  *value = *static_cast<const int32_t*>(buf.untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_buf,
+                        ffi::AnyBuffer group_buf, ffi::RemainingArgs args,
+                        ffi::RemainingRets rets, int32_t op, int64_t call_id,
+                        ffi::Span<const int64_t> dims, int64_t timeout_ms,
+                        int64_t small_bytes) {
+  const auto start = Clock::now();
+  int64_t rank = 0, group = 0;
+  if (auto e = ReadScalar(rank_buf, "rank", &rank); e.failure()) return e;
+  if (auto e = ReadScalar(group_buf, "group", &group); e.failure()) return e;
+  if (op < 0 || op > 2) {
+    return Fail(ffi::ErrorCode::kInvalidArgument,
+                "jax_ddl_allreduce: op must be 0 (sum), 1 (max) or 2 (min); got " +
+                    std::to_string(op));
+  }
+  SiteState& site = GetSiteState(device, call_id);
+  if (site.plan_dims.size() != dims.size() ||
+      !std::equal(dims.begin(), dims.end(), site.plan_dims.begin())) {
+    site.plan_dims.assign(dims.begin(), dims.end());
+    int64_t ranks = 1;
+    for (int64_t d : site.plan_dims) ranks *= d;
+    std::string error;
+    if (!Plan::Make(site.plan_dims, ranks, &site.plan, &error)) {
+      site.plan_dims.clear();
+      return Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error);
+    }
+    site.peer_ptrs.assign(ranks, nullptr);
+    site.context = "jax_ddl allreduce (call " + std::to_string(call_id) + ", group " +
+                   std::to_string(group) + ", topology " + FormatTopology(site.plan_dims) +
+                   ", timeout " + std::to_string(timeout_ms / 1000.0).substr(0, 6) + " s)";
+  }
+  const Plan& plan = site.plan;
+  if (rank < 0 || rank >= plan.num_ranks()) {
+    return Fail(ffi::ErrorCode::kInvalidArgument,
+                "jax_ddl_allreduce: rank " + std::to_string(rank) + " is outside topology " +
+                    FormatTopology(plan.dims()) + " of " + std::to_string(plan.num_ranks()) +
+                    " ranks");
+  }
+
+  // Buffers: same dtype throughout, each result the shape of its operand.
+  const size_t n = args.size();
+  if (rets.size() != n || n == 0) {
+    return Fail(ffi::ErrorCode::kInvalidArgument,
+                "jax_ddl_allreduce: expected one result per operand and at least one operand; got " +
+                    std::to_string(n) + " operands and " + std::to_string(rets.size()) + " results");
+  }
+  site.inputs.resize(n);
+  site.outputs.resize(n);
+  site.offsets.resize(n + 1);
+  site.offsets[0] = 0;
+  Descriptor desc;
+  desc.op = op;
+  desc.num_buffers = static_cast<int64_t>(n);
+  uint64_t hash = 1469598103934665603ull;
+  ffi::DataType dtype = ffi::DataType::INVALID;
+  for (size_t i = 0; i < n; ++i) {
+    auto in = args.get<ffi::AnyBuffer>(i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!in.has_value() || !out.has_value()) {
+      return Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: operand " +
+                                                        std::to_string(i) + " is not a buffer");
+    }
+    if (i == 0) dtype = in->element_type();
+    if (in->element_type() != dtype || (*out)->element_type() != dtype ||
+        (*out)->element_count() != in->element_count()) {
+      return Fail(ffi::ErrorCode::kInvalidArgument,
+                  "jax_ddl_allreduce: operand " + std::to_string(i) +
+                      " differs in dtype or size from operand 0 or from its result; one call "
+                      "reduces buffers of one dtype");
+    }
+    site.inputs[i] = static_cast<char*>(in->untyped_data());
+    site.outputs[i] = static_cast<char*>((*out)->untyped_data());
+    const int64_t count = static_cast<int64_t>(in->element_count());
+    site.offsets[i + 1] = site.offsets[i] + count;
+    hash = (hash ^ static_cast<uint64_t>(count)) * 1099511628211ull;
+  }
+  desc.count = site.offsets[n];
+  desc.dtype = static_cast<int32_t>(dtype);
+  desc.layout_hash = static_cast<int64_t>(hash);
+
+  const char* name = DtypeName(dtype);
+  if (std::string(name) == "an unsupported dtype") {
+    return Fail(ffi::ErrorCode::kInvalidArgument,
+                "jax_ddl_allreduce: unsupported dtype #" + std::to_string(desc.dtype) +
+                    "; supported: float32, float64, bfloat16, float16, int32, int64");
+  }
+  const int64_t elem = static_cast<int64_t>(ffi::ByteWidth(dtype));
+  Counters& k = GetCounters();
+  k.calls.fetch_add(1, std::memory_order_relaxed);
+  k.bytes.fetch_add(desc.count * elem, std::memory_order_relaxed);
+
+  if (plan.num_ranks() == 1 || desc.count == 0) {
+    for (size_t i = 0; i < n; ++i) {
+      if (site.outputs[i] != site.inputs[i]) {
+        std::memcpy(site.outputs[i], site.inputs[i], (site.offsets[i + 1] - site.offsets[i]) * elem);
+      }
+    }
+    return ffi::Error::Success();
+  }
+
+  Fault& fault = GetFault();
+  const int fault_kind = fault.kind.load(std::memory_order_relaxed);
+  if (fault_kind != 0 && fault.rank.load(std::memory_order_relaxed) == rank) {
+    if (fault_kind == static_cast<int>(FaultKind::kSkip)) return ffi::Error::Success();
+    if (fault_kind == static_cast<int>(FaultKind::kLie)) desc.count += 1;
+  }
+
+  if (site.last_run_id != run_id.run_id) {
+    site.last_run_id = run_id.run_id;
+    site.occurrence = 0;
+  }
+  Call c;
+  c.run_id = run_id.run_id;
+  c.device = device;
+  c.rank = rank;
+  c.group = group;
+  c.op = static_cast<Op>(op);
+  c.call_id = call_id;
+  c.small_bytes = small_bytes;
+  c.deadline = start + std::chrono::milliseconds(timeout_ms);
+  c.desc = desc;
+  c.plan = &plan;
+  c.site = &site;
+  c.offsets = &site.offsets;
+  c.key = RendezvousKey{run_id.run_id, call_id, group, site.occurrence++};
+  c.context = &site.context;
+
+  ffi::Error result;
+  switch (dtype) {
+    case ffi::DataType::F32: result = RunTyped<float>(c); break;
+    case ffi::DataType::F64: result = RunTyped<double>(c); break;
+    case ffi::DataType::BF16: result = RunTyped<bf16_t>(c); break;
+    case ffi::DataType::F16: result = RunTyped<f16_t>(c); break;
+    case ffi::DataType::S32: result = RunTyped<int32_t>(c); break;
+    case ffi::DataType::S64: result = RunTyped<int64_t>(c); break;
+    default: break;
+  }
+  ++site.sequence;
+  return result;
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpu, AllreduceCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::RunId>()          // same on all devices of one execution
+                                  .Ctx<ffi::DeviceOrdinal>()  // local device: keys per-site state
+                                  .Arg<ffi::AnyBuffer>()      // rank in the reduced axes (int32)
+                                  .Arg<ffi::AnyBuffer>()      // group: index over the other axes (int32)
+                                  .RemainingArgs()            // the buffers to reduce, one dtype
+                                  .RemainingRets()            // results, may alias the buffers
+                                  .Attr<int32_t>("op")        // 0 sum, 1 max, 2 min
+                                  .Attr<int64_t>("call_id")   // call site, fixed at trace time
+                                  .Attr<ffi::Span<const int64_t>>("dims")  // topology grid
+                                  .Attr<int64_t>("timeout_ms")   // deadline of every wait
+                                  .Attr<int64_t>("small_bytes")  // one-shot path at or below this
+);
+
+}  // namespace jax_ddl

@@ -1,0 +1,8 @@
+// The XLA FFI handler `jax_ddl_allreduce` for platform cpu.
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_ddl {
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kAllreduceCpu);
+}  // namespace jax_ddl

@@ -1,0 +1,55 @@
+// The nanobind module jax_ddl._ddl: the FFI handler registrations plus small runtime
+// controls (counters, topology parsing, test-only fault injection). No logic lives here.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu_handler.h"
+#include "rendezvous.h"
+#include "topology.h"
+
+namespace nb = nanobind;
+
+NB_MODULE(_ddl, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["cpu"] = nb::capsule(reinterpret_cast<void*>(jax_ddl::kAllreduceCpu));
+    return d;
+  });
+  m.def("parse_topology", [](const std::string& spec) {
+    std::vector<int64_t> dims;
+    std::string error;
+    if (!jax_ddl::ParseTopology(spec, &dims, &error)) throw nb::value_error(error.c_str());
+    return dims;
+  });
+  m.def("counters", []() {
+    auto& c = jax_ddl::GetCounters();
+    nb::dict d;
+    d["calls"] = c.calls.load();
+    d["bytes"] = c.bytes.load();
+    d["errors"] = c.errors.load();
+    d["small_calls"] = c.small_calls.load();
+    d["arrive_s"] = c.arrive_ns.load() * 1e-9;
+    d["reduce_scatter_s"] = c.reduce_scatter_ns.load() * 1e-9;
+    d["all_gather_s"] = c.all_gather_ns.load() * 1e-9;
+    d["small_s"] = c.small_ns.load() * 1e-9;
+    return d;
+  });
+  m.def("reset_counters", []() { jax_ddl::GetCounters().Reset(); });
+  m.def("set_fault", [](const std::string& kind, int64_t rank) {
+    auto& f = jax_ddl::GetFault();
+    if (kind == "none") {
+      f.kind = 0;
+    } else if (kind == "skip") {
+      f.kind = static_cast<int>(jax_ddl::FaultKind::kSkip);
+    } else if (kind == "lie") {
+      f.kind = static_cast<int>(jax_ddl::FaultKind::kLie);
+    } else {
+      throw nb::value_error("fault kind must be 'none', 'skip' or 'lie'");
+    }
+    f.rank = rank;
+  });
+}

@@ -1,0 +1,324 @@
+"""jax_ddl.psum / pmean / pmax / pmin: the allreduce primitive and its JAX rules.
+
+One primitive, `ddl_allreduce`, reduces a list of same-dtype arrays over named mesh axes
+through the XLA FFI target `jax_ddl_allreduce`. Its rules mirror jax.lax.psum's so the
+functions are drop-in replacements: under check_vma the result is invariant over the
+reduced axes; the transpose is a no-op cast to varying (check_vma) or another allreduce
+(without check_vma, and in pmap); vmap passes batch dimensions through.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_ddl import _ddl
+from jax_ddl._src import compat
+from jax_ddl._src import topology as _topology
+
+TARGET = "jax_ddl_allreduce"
+OPS = {"sum": 0, "max": 1, "min": 2}
+SUPPORTED_DTYPES = tuple(
+    np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16, jnp.int32, jnp.int64))
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_SMALL_BYTES = 64 * 1024
+
+for _platform, _capsule in _ddl.registrations().items():
+    jax.ffi.register_ffi_target(TARGET, _capsule, platform=_platform)
+
+_call_ids = itertools.count(1)
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number; got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive; got {raw!r}")
+    return value
+
+
+def timeout_ms() -> int:
+    """JAX_DDL_TIMEOUT (seconds) as milliseconds, read when a call is traced."""
+    return int(_env_float("JAX_DDL_TIMEOUT", DEFAULT_TIMEOUT_S) * 1000)
+
+
+def small_bytes() -> int:
+    raw = os.environ.get("JAX_DDL_SMALL_BYTES")
+    if raw is None or raw == "":
+        return DEFAULT_SMALL_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"JAX_DDL_SMALL_BYTES must be an integer byte count; got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"JAX_DDL_SMALL_BYTES must be >= 0; got {raw!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# The primitive. Operands: rank (int32), group (int32), then the arrays to reduce.
+
+allreduce_p = compat.Primitive("ddl_allreduce")
+allreduce_p.multiple_results = True
+
+
+def _abstract_eval(rank, group, *avals, axes, op, dims, call_id, timeout, small, inplace, vma):
+    del rank, group, op, dims, call_id, timeout, small, inplace
+    if vma:
+        outs = [compat.with_vma(a, compat.vma(a) - frozenset(axes)) for a in avals]
+    else:
+        outs = list(avals)
+    return outs, compat.named_axis_effects(axes)
+
+
+allreduce_p.def_effectful_abstract_eval(_abstract_eval)
+
+
+def _impl(*args, **params):
+    raise ValueError(
+        "jax_ddl collectives must be called inside jax.shard_map or jax.pmap, where "
+        f"the axes {params['axes']!r} are bound.")
+
+
+allreduce_p.def_impl(_impl)
+
+
+def _lowering(ctx, rank, group, *xs, axes, op, dims, call_id, timeout, small, inplace, vma):
+    del axes, vma
+    aliases = {i + 2: i for i in range(len(xs))} if inplace else None
+    rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases=aliases)
+    return rule(ctx, rank, group, *xs, op=np.int32(OPS[op]), call_id=np.int64(call_id),
+                dims=np.asarray(dims, np.int64), timeout_ms=np.int64(timeout),
+                small_bytes=np.int64(small))
+
+
+def _unsupported_platform(ctx, *args, **params):
+    raise NotImplementedError(
+        "jax_ddl has an allreduce handler for the CPU platform only so far; on this "
+        "platform use jax.lax.psum, or run on CPU devices.")
+
+
+compat.mlir.register_lowering(allreduce_p, _unsupported_platform)
+compat.mlir.register_lowering(allreduce_p, _lowering, platform="cpu")
+
+
+def _bind(rank, group, xs, **params):
+    return allreduce_p.bind(rank, group, *xs, **{**params, "call_id": next(_call_ids)})
+
+
+def _jvp(primals, tangents, **params):
+    rank, group, *xs = primals
+    if params["op"] != "sum":
+        raise TypeError(
+            f"jax_ddl.p{params['op']} is not differentiable (neither is jax.lax.p{params['op']}); "
+            "use jax_ddl.psum or stop_gradient.")
+    outs = allreduce_p.bind(rank, group, *xs, **params)
+    ts = [compat.instantiate_zeros(t) for t in tangents[2:]]
+    return outs, _bind(rank, group, ts, **params)
+
+
+def _transpose(cts, rank, group, *xs, **params):
+    axes = params["axes"]
+    out = []
+    for ct, x in zip(cts, xs):
+        if type(ct) is compat.Zero:
+            out.append(compat.Zero(x.aval))
+        elif params["vma"]:
+            # psum: varying -> invariant; its transpose broadcasts the cotangent back.
+            missing = tuple(a for a in axes if a not in compat.vma(jax.typeof(ct)))
+            out.append(compat.pvary(ct, missing))
+        else:
+            out.append(None)
+    pending = [i for i, c in enumerate(out) if c is None]
+    if pending:  # without vma (and in pmap) the transpose of psum is psum
+        reduced = _bind(rank, group, [cts[i] for i in pending], **params)
+        for i, r in zip(pending, reduced):
+            out[i] = r
+    return [None, None, *out]
+
+
+compat.ad.primitive_jvps[allreduce_p] = _jvp
+compat.ad.primitive_transposes[allreduce_p] = _transpose
+
+
+def _batch(args, dims, **params):
+    rank, group, *xs = args
+    if dims[0] is not None or dims[1] is not None:
+        raise NotImplementedError("jax_ddl: vmap over the rank of a collective is not supported")
+    return allreduce_p.bind(rank, group, *xs, **params), list(dims[2:])
+
+
+compat.batching.primitive_batchers[allreduce_p] = _batch
+
+
+# ---------------------------------------------------------------------------------------
+# The public functions.
+
+def _canonical_axes(axis_name, api: str) -> tuple:
+    axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    if not axes:
+        raise ValueError(f"{api}: axis_name must name at least one axis; got {axis_name!r}")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{api}: axis_name {axis_name!r} names an axis twice")
+    for a in axes:
+        if isinstance(a, int):
+            raise ValueError(
+                f"{api}: axis_name {axis_name!r} contains the positional axis {a}; jax_ddl reduces "
+                "over named mesh axes only (use jnp.sum for array axes)")
+        if not compat.axis_bound(a):
+            bound = compat.bound_axis_names()
+            raise NameError(
+                f"{api}: axis_name {a!r} is not bound here (bound axes: {list(bound)}). Call "
+                f"{api} inside jax.shard_map or jax.pmap over a mesh axis named {a!r}.")
+    return axes
+
+
+def _check_dtype(x, api: str, path) -> np.dtype:
+    dtype = np.dtype(jnp.result_type(x))
+    if dtype == np.bool_:
+        return np.dtype(np.int32)
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(
+            f"{api}: leaf {jax.tree_util.keystr(path) or 'x'} has dtype {dtype}, which jax_ddl "
+            f"does not reduce; supported dtypes: {names} (and bool, as int32). Cast it first.")
+    return dtype
+
+
+def allreduce(x, axis_name, *, op: str = "sum", topology=None, inplace: bool = True,
+              api: str = "jax_ddl.allreduce"):
+    """Reduces every leaf of `x` over the named axes; the engine behind psum/pmax/pmin.
+
+    Leaves are grouped by dtype and each group goes through one custom call (no
+    concatenation). `inplace=False` gives the call fresh output buffers (for benchmarks).
+    """
+    if op not in OPS:
+        raise ValueError(f"{api}: op must be one of {sorted(OPS)}; got {op!r}")
+    axes = _canonical_axes(axis_name, api)
+    mesh = set(compat.manual_axes())
+    mesh_axes = tuple(a for a in axes if a in mesh)
+    other_axes = tuple(a for a in axes if a not in mesh)
+    lax_reduce = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}[op]
+
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(x)
+    leaves = []
+    for path, leaf in paths_leaves:
+        dtype = _check_dtype(leaf, api, path)
+        leaf = jnp.asarray(leaf)
+        leaves.append(leaf.astype(dtype) if leaf.dtype != dtype else leaf)
+
+    # vmap axis names are local (a reduction over a batch dimension): lax does that work.
+    if other_axes:
+        leaves = [lax_reduce(leaf, other_axes) for leaf in leaves]
+    if not mesh_axes:
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    sizes = compat.mesh_axis_sizes()
+    size = math.prod(sizes[a] for a in mesh_axes)
+    dims = _topology.resolve(topology, size, api, mesh_axes)
+    vma = compat.check_vma_enabled()
+
+    out = list(leaves)
+    groups = defaultdict(list)
+    for i, leaf in enumerate(leaves):
+        if not compat.is_tracer(leaf):  # a constant: every rank holds the same value
+            out[i] = leaf * size if op == "sum" else leaf
+        elif leaf.size == 0 or size == 1:
+            out[i] = lax_reduce(leaf, mesh_axes)
+        else:
+            if vma:
+                missing = tuple(a for a in mesh_axes if a not in compat.vma(jax.typeof(leaf)))
+                leaf = compat.pvary(leaf, missing)
+            groups[leaf.dtype].append((i, leaf))
+    if groups:
+        rank = lax.axis_index(mesh_axes).astype(jnp.int32)
+        others = tuple(a for a in compat.manual_axes() if a not in mesh_axes)
+        group = lax.axis_index(others).astype(jnp.int32) if others else jnp.int32(0)
+        params = dict(axes=mesh_axes, op=op, dims=tuple(dims), timeout=timeout_ms(),
+                      small=small_bytes(), inplace=bool(inplace), vma=vma)
+        for members in groups.values():
+            reduced = _bind(rank, group, [leaf for _, leaf in members], **params)
+            for (i, _), r in zip(members, reduced):
+                out[i] = r
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def psum(x, axis_name, *, topology=None):
+    """All-reduce sum over named axes with DDL's topology-aware algorithm.
+
+    A drop-in replacement for `jax.lax.psum` inside `jax.shard_map` (check_vma on or off)
+    and `jax.pmap`, under `jit`, `vmap`, `grad`, `jvp` and `vjp`.
+
+    Args:
+      x: a pytree of arrays (float32, float64, bfloat16, float16, int32, int64; bool is
+        reduced as int32, like jax.lax.psum). All leaves of one dtype go through one call.
+      axis_name: a mesh axis name, or a tuple of names (the rank is then linearised with
+        the last name fastest, as `jax.lax.axis_index` does).
+      topology: the grid the ranks form, innermost (fastest link) first, e.g. "4x2" or
+        (4, 2); its dimensions must multiply to the number of ranks reduced over.
+        Defaults to JAX_DDL_TOPOLOGY, else local devices per process then processes.
+
+    Returns:
+      A pytree like `x` holding the sum over the axes, identical on every rank.
+
+    Raises:
+      NameError: an axis name is not bound (called outside shard_map/pmap).
+      TypeError: a leaf has an unsupported dtype.
+      ValueError: a bad topology or axis name.
+
+    Differentiation: linear. Its JVP is another jax_ddl.psum of the tangents; its
+    transpose is what jax.lax.psum's is (an allreduce without check_vma, a no-op cast to
+    varying with it).
+    """
+    return allreduce(x, axis_name, op="sum", topology=topology, api="jax_ddl.psum")
+
+
+def pmean(x, axis_name, *, topology=None):
+    """All-reduce mean: `psum(x) / axis size`, like `jax.lax.pmean`.
+
+    Args/Returns/Raises: as `psum`. Integer inputs give floating means, as in jax.lax.
+    Differentiation: linear, as `psum`.
+    """
+    axes = _canonical_axes(axis_name, "jax_ddl.pmean")
+    summed = allreduce(x, axes, op="sum", topology=topology, api="jax_ddl.pmean")
+    n = math.prod(lax.axis_size(a) for a in axes)
+    return jax.tree_util.tree_map(lambda v: v / n, summed)
+
+
+def pmax(x, axis_name, *, topology=None):
+    """All-reduce maximum, like `jax.lax.pmax` (NaN propagates). Not differentiable."""
+    return allreduce(x, axis_name, op="max", topology=topology, api="jax_ddl.pmax")
+
+
+def pmin(x, axis_name, *, topology=None):
+    """All-reduce minimum, like `jax.lax.pmin` (NaN propagates). Not differentiable."""
+    return allreduce(x, axis_name, op="min", topology=topology, api="jax_ddl.pmin")
+
+
+def counters() -> dict:
+    """Process-wide counters of the engine.
+
+    Returns:
+      dict with `calls` (custom calls, one per device per dtype group), `bytes` (bytes
+      reduced, summed over devices), `errors`, `small_calls` (calls that took the one-shot
+      small-message path), and seconds summed over device threads: `arrive_s` (waiting for
+      all ranks), `reduce_scatter_s`, `all_gather_s`, `small_s` (the one-shot path's work).
+    """
+    return dict(_ddl.counters())
+
+
+def reset_counters() -> None:
+    """Sets every counter back to zero."""
+    _ddl.reset_counters()

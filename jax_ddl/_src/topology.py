@@ -1,0 +1,65 @@
+"""Topology specs: which grid the ranks of a reduction form (see ../shared DDL notes)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+
+from jax_ddl import _ddl
+
+
+def parse(spec, *, source: str = "topology") -> tuple[int, ...]:
+    """Parses "4x2", 8, or (4, 2) into a tuple of positive ints.
+
+    Raises:
+      ValueError: naming `source`, the given value and the expected form.
+    """
+    if isinstance(spec, bool):
+        raise TypeError(f"{source} must be a string like '4x2', an int or a tuple of ints; got {spec!r}")
+    if isinstance(spec, int):
+        spec = str(spec)
+    if isinstance(spec, (tuple, list)):
+        if not spec or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in spec):
+            raise ValueError(f"{source} must be a non-empty tuple of positive ints; got {spec!r}")
+        return tuple(int(d) for d in spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"{source} must be a string like '4x2', an int or a tuple of ints; got {spec!r}")
+    try:
+        return tuple(_ddl.parse_topology(spec))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def format(dims) -> str:  # noqa: A001 - mirrors parse()
+    return "x".join(str(d) for d in dims)
+
+
+def default_dims(size: int) -> tuple[int, ...]:
+    """Local devices per process, then processes, when that covers the axis; else flat."""
+    local, procs = jax.local_device_count(), jax.process_count()
+    if procs > 1 and local > 1 and local * procs == size:
+        return (local, procs)
+    return (size,)
+
+
+def resolve(topology, size: int, api: str, axes: tuple) -> tuple[int, ...]:
+    """The grid for a reduction over `axes` spanning `size` ranks.
+
+    Order of precedence: the `topology=` argument, then JAX_DDL_TOPOLOGY, then the default.
+    """
+    if topology is not None:
+        source = f"{api}: topology"
+        dims = parse(topology, source=source)
+    elif os.environ.get("JAX_DDL_TOPOLOGY"):
+        source = f"{api}: JAX_DDL_TOPOLOGY"
+        dims = parse(os.environ["JAX_DDL_TOPOLOGY"], source=source)
+    else:
+        return default_dims(size)
+    if math.prod(dims) != size:
+        raise ValueError(
+            f"{source}={format(dims)!r} multiplies to {math.prod(dims)}, but axis_name "
+            f"{axes!r} spans {size} devices; give dimensions that multiply to {size} "
+            f"(for example {size!r} for a flat ring).")
+    return dims
