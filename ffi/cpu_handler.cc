@@ -66,11 +66,12 @@ struct Call {
 };
 
 template <typename A, typename S, typename D>
-void ReduceDispatch(Op op, const char* const* srcs, int64_t n_src, char* dst, int64_t n) {
+void ReduceDispatch(Op op, const char* const* srcs, int64_t n_src, char* const* dsts,
+                    int64_t n_dst, int64_t n) {
   switch (op) {
-    case Op::kSum: return ReduceKernel<Op::kSum, A, S, D>(srcs, n_src, dst, n);
-    case Op::kMax: return ReduceKernel<Op::kMax, A, S, D>(srcs, n_src, dst, n);
-    case Op::kMin: return ReduceKernel<Op::kMin, A, S, D>(srcs, n_src, dst, n);
+    case Op::kSum: return ReduceKernel<Op::kSum, A, S, D>(srcs, n_src, dsts, n_dst, n);
+    case Op::kMax: return ReduceKernel<Op::kMax, A, S, D>(srcs, n_src, dsts, n_dst, n);
+    case Op::kMin: return ReduceKernel<Op::kMin, A, S, D>(srcs, n_src, dsts, n_dst, n);
   }
 }
 
@@ -150,9 +151,12 @@ ffi::Error RunSmall(const Call& c) {
   return ffi::Error::Success();
 }
 
-// Large messages: DDL's schedule. Reduce-scatter stage by stage (each rank reduces the
-// slice it owns from its group's buffers), then all-gather in reverse. Every element is
-// reduced in the plan's fixed order, so all ranks hold bitwise-identical results.
+// Large messages: DDL's schedule. Reduce-scatter stage by stage: at each stage a rank
+// reduces the slice it owns from its group's copies. At the last stage the owner of a
+// final slice writes it straight into every rank's output: in shared memory that is the
+// whole reverse all-gather in one step, each byte written once and never re-read. Only
+// the owner ever touches a final slice, in any buffer, so this is safe in place too.
+// Every element is reduced in the plan's fixed order: all ranks get identical bits.
 template <typename T>
 ffi::Error RunLarge(const Call& c) {
   using A = typename AccumOf<T>::type;
@@ -160,6 +164,7 @@ ffi::Error RunLarge(const Call& c) {
   SiteState& site = *c.site;
   const Plan& plan = *c.plan;
   const int64_t count = c.desc.count;
+  const int64_t ranks = plan.num_ranks();
   const auto& offsets = *c.offsets;
   const int stages = plan.num_stages();
   // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
@@ -169,7 +174,7 @@ ffi::Error RunLarge(const Call& c) {
             scratch ? site.inter.data() : nullptr, nullptr};
 
   const auto t0 = Clock::now();
-  Rendezvous* r = Registry::Get().Join(c.key, plan.num_ranks(), *c.context);
+  Rendezvous* r = Registry::Get().Join(c.key, ranks, *c.context);
   std::string error;
   if (!r->Arrive(c.rank, me, c.deadline, &error)) {
     Registry::Get().Leave(r);
@@ -182,13 +187,13 @@ ffi::Error RunLarge(const Call& c) {
     return scratch ? View{nullptr, r->member(q).inter, sizeof(A)} : output_view(q);
   };
 
-  int phase = 1;
   bool ok = true;
+  auto t2 = t1;
   for (int s = 0; s < stages && ok; ++s) {
     const int64_t group_size = plan.dim(s);
     const bool last = s == stages - 1;
     const bool src_acc = s > 0 && scratch;
-    const bool dst_acc = !last && scratch;
+    if (last) t2 = Clock::now();
     ForEachPiece(offsets, plan.Region(c.rank, s + 1, count),
                  [&](int64_t seg, int64_t begin, int64_t len) {
       for (int64_t g = 0; g < group_size; ++g) {
@@ -196,41 +201,34 @@ ffi::Error RunLarge(const Call& c) {
         const View v = s == 0 ? input_view(q) : inter_view(q);
         site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
       }
-      char* dst = (last ? output_view(c.rank) : inter_view(c.rank)).At(offsets.data(), seg, begin);
-      if (src_acc && !dst_acc) {
-        ReduceDispatch<A, A, T>(c.op, site.peer_ptrs.data(), group_size, dst, len);
-      } else if (src_acc) {
-        ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), group_size, dst, len);
-      } else if (dst_acc) {
-        ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), group_size, dst, len);
+      if (last) {
+        for (int64_t q = 0; q < ranks; ++q) {
+          site.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
+        }
+        if (src_acc) {
+          ReduceDispatch<A, A, T>(c.op, site.peer_ptrs.data(), group_size, site.dst_ptrs.data(),
+                                  ranks, len);
+        } else {
+          ReduceDispatch<A, T, T>(c.op, site.peer_ptrs.data(), group_size, site.dst_ptrs.data(),
+                                  ranks, len);
+        }
       } else {
-        ReduceDispatch<A, T, T>(c.op, site.peer_ptrs.data(), group_size, dst, len);
+        char* dst = inter_view(c.rank).At(offsets.data(), seg, begin);
+        if (src_acc) {
+          ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
+        } else {
+          ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
+        }
       }
     });
-    ok = r->Barrier(c.rank, phase++, "reduce-scatter", c.deadline, &error);
-  }
-  const auto t2 = Clock::now();
-  for (int s = stages - 1; s >= 0 && ok; --s) {
-    const View mine = output_view(c.rank);
-    for (int64_t g = 0; g < plan.dim(s); ++g) {
-      const int64_t q = plan.Peer(c.rank, s, g);
-      if (q == c.rank) continue;
-      const View theirs = output_view(q);
-      ForEachPiece(offsets, plan.Region(q, s + 1, count),
-                   [&](int64_t seg, int64_t begin, int64_t len) {
-        std::memcpy(mine.At(offsets.data(), seg, begin), theirs.At(offsets.data(), seg, begin),
-                    len * sizeof(T));
-      });
-    }
-    ok = r->Barrier(c.rank, phase++, s == 0 ? "all-gather (exit)" : "all-gather", c.deadline,
-                    &error);
+    ok = r->Barrier(c.rank, s + 1, last ? "exit" : "reduce-scatter", c.deadline, &error);
   }
   Registry::Get().Leave(r);
   if (!ok) return FailRendezvous(error);
   Counters& k = GetCounters();
   k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
   k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
-  k.all_gather_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
+  k.broadcast_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
   return ffi::Error::Success();
 }
 
@@ -287,6 +285,7 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
       return Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error);
     }
     site.peer_ptrs.assign(ranks, nullptr);
+    site.dst_ptrs.assign(ranks, nullptr);
     site.context = "jax_ddl allreduce (call " + std::to_string(call_id) + ", group " +
                    std::to_string(group) + ", topology " + FormatTopology(site.plan_dims) +
                    ", timeout " + std::to_string(timeout_ms / 1000.0).substr(0, 6) + " s)";

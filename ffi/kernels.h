@@ -103,13 +103,16 @@ template <Op kOp, typename A> inline A Combine(A a, A b) {
   }
 }
 
-// dst[i] = srcs[0][i] op srcs[1][i] op ... in source order, accumulated in A, for
-// i < n. Blocked so the running result stays in L1: memory traffic is one read per
-// source and one write. dst may alias any source.
+// dsts[k][i] = srcs[0][i] op srcs[1][i] op ... in source order, accumulated in A, for
+// i < n and every destination k. Blocked so the running result stays in L1: memory
+// traffic is one read per source and one write per destination. A destination may alias
+// a source: each block is read completely before it is written.
 template <Op kOp, typename A, typename S, typename D>
-void ReduceKernel(const char* const* srcs, int64_t num_srcs, char* dst, int64_t n) {
+void ReduceKernel(const char* const* srcs, int64_t num_srcs, char* const* dsts,
+                  int64_t num_dsts, int64_t n) {
   constexpr int64_t kBlock = 8192 / sizeof(A);
   alignas(64) A acc[kBlock];
+  alignas(64) D out[std::is_same_v<A, D> ? 1 : kBlock];
   for (int64_t base = 0; base < n; base += kBlock) {
     const int64_t m = n - base < kBlock ? n - base : kBlock;
     const S* s0 = reinterpret_cast<const S*>(srcs[0]) + base;
@@ -118,8 +121,16 @@ void ReduceKernel(const char* const* srcs, int64_t num_srcs, char* dst, int64_t 
       const S* s = reinterpret_cast<const S*>(srcs[q]) + base;
       for (int64_t i = 0; i < m; ++i) acc[i] = Combine<kOp>(acc[i], Load<A>(s[i]));
     }
-    D* d = reinterpret_cast<D*>(dst) + base;
-    for (int64_t i = 0; i < m; ++i) d[i] = Store<D>(acc[i]);
+    const D* result;
+    if constexpr (std::is_same_v<A, D>) {
+      result = acc;
+    } else {
+      for (int64_t i = 0; i < m; ++i) out[i] = Store<D>(acc[i]);
+      result = out;
+    }
+    for (int64_t k = 0; k < num_dsts; ++k) {
+      std::memcpy(reinterpret_cast<D*>(dsts[k]) + base, result, m * sizeof(D));
+    }
   }
 }
 

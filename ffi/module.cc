@@ -34,7 +34,7 @@ NB_MODULE(_ddl, m) {
     d["small_calls"] = c.small_calls.load();
     d["arrive_s"] = c.arrive_ns.load() * 1e-9;
     d["reduce_scatter_s"] = c.reduce_scatter_ns.load() * 1e-9;
-    d["all_gather_s"] = c.all_gather_ns.load() * 1e-9;
+    d["broadcast_s"] = c.broadcast_ns.load() * 1e-9;
     d["small_s"] = c.small_ns.load() * 1e-9;
     return d;
   });

@@ -171,7 +171,7 @@ SiteState& GetSiteState(int64_t device, int64_t call_id) {
 
 void Counters::Reset() {
   for (auto* c : {&calls, &bytes, &errors, &small_calls, &arrive_ns, &reduce_scatter_ns,
-                  &all_gather_ns, &small_ns}) {
+                  &broadcast_ns, &small_ns}) {
     c->store(0);
   }
 }

@@ -106,6 +106,7 @@ struct SiteState {
   std::vector<char> inter;
   std::vector<char> accum;
   std::vector<const char*> peer_ptrs;
+  std::vector<char*> dst_ptrs;
   std::vector<int64_t> offsets;  // prefix sums of the buffers' element counts
   std::vector<int64_t> plan_dims;
   Plan plan;
@@ -123,7 +124,7 @@ struct Counters {
   std::atomic<uint64_t> small_calls{0};
   std::atomic<uint64_t> arrive_ns{0};
   std::atomic<uint64_t> reduce_scatter_ns{0};
-  std::atomic<uint64_t> all_gather_ns{0};
+  std::atomic<uint64_t> broadcast_ns{0};
   std::atomic<uint64_t> small_ns{0};
   void Reset();
 };

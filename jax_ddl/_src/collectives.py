@@ -28,7 +28,7 @@ OPS = {"sum": 0, "max": 1, "min": 2}
 SUPPORTED_DTYPES = tuple(
     np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16, jnp.int32, jnp.int64))
 DEFAULT_TIMEOUT_S = 300.0
-DEFAULT_SMALL_BYTES = 64 * 1024
+DEFAULT_SMALL_BYTES = 16 * 1024
 
 for _platform, _capsule in _ddl.registrations().items():
     jax.ffi.register_ffi_target(TARGET, _capsule, platform=_platform)
@@ -314,7 +314,7 @@ def counters() -> dict:
       dict with `calls` (custom calls, one per device per dtype group), `bytes` (bytes
       reduced, summed over devices), `errors`, `small_calls` (calls that took the one-shot
       small-message path), and seconds summed over device threads: `arrive_s` (waiting for
-      all ranks), `reduce_scatter_s`, `all_gather_s`, `small_s` (the one-shot path's work).
+      all ranks), `reduce_scatter_s`, `broadcast_s` (last stage: reduce and write into every output, then the exit barrier), `small_s` (the one-shot path's work).
     """
     return dict(_ddl.counters())
 
