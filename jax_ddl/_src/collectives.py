@@ -74,8 +74,8 @@ allreduce_p = compat.Primitive("ddl_allreduce")
 allreduce_p.multiple_results = True
 
 
-def _abstract_eval(rank, group, *avals, axes, op, dims, call_id, timeout, small, inplace, vma):
-    del rank, group, op, dims, call_id, timeout, small, inplace
+def _abstract_eval(rank, group, *avals, axes, op, grid, call_id, timeout, small, inplace, vma):
+    del rank, group, op, grid, call_id, timeout, small, inplace
     if vma:
         outs = [compat.with_vma(a, compat.vma(a) - frozenset(axes)) for a in avals]
     else:
@@ -95,12 +95,12 @@ def _impl(*args, **params):
 allreduce_p.def_impl(_impl)
 
 
-def _lowering(ctx, rank, group, *xs, axes, op, dims, call_id, timeout, small, inplace, vma):
+def _lowering(ctx, rank, group, *xs, axes, op, grid, call_id, timeout, small, inplace, vma):
     del axes, vma
     aliases = {i + 2: i for i in range(len(xs))} if inplace else None
     rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases=aliases)
     return rule(ctx, rank, group, *xs, op=np.int32(OPS[op]), call_id=np.int64(call_id),
-                dims=np.asarray(dims, np.int64), timeout_ms=np.int64(timeout),
+                dims=np.asarray(grid, np.int64), timeout_ms=np.int64(timeout),
                 small_bytes=np.int64(small))
 
 
@@ -246,7 +246,7 @@ def allreduce(x, axis_name, *, op: str = "sum", topology=None, inplace: bool = T
         rank = lax.axis_index(mesh_axes).astype(jnp.int32)
         others = tuple(a for a in compat.manual_axes() if a not in mesh_axes)
         group = lax.axis_index(others).astype(jnp.int32) if others else jnp.int32(0)
-        params = dict(axes=mesh_axes, op=op, dims=tuple(dims), timeout=timeout_ms(),
+        params = dict(axes=mesh_axes, op=op, grid=tuple(dims), timeout=timeout_ms(),
                       small=small_bytes(), inplace=bool(inplace), vma=vma)
         for members in groups.values():
             reduced = _bind(rank, group, [leaf for _, leaf in members], **params)

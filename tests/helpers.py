@@ -1,0 +1,28 @@
+"""Shared helpers for the tests (importable because tests/ is on sys.path)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+
+def mesh_of(shape, names):
+    n = int(np.prod(shape))
+    return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
+
+
+def spmd(fn, mesh, in_specs, out_specs, check_vma=True):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=check_vma))
+
+
+def int_valued(shape, dtype, seed=0, low=-8, high=8):
+    """Integer-valued data, so sums are exact in every supported dtype."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(low, high, size=shape), dtype=dtype)
+
+
+def count_ddl_calls(fn, *args):
+    """Number of ddl_allreduce equations in the jaxpr of fn(*args), at any depth."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return str(jaxpr).count("ddl_allreduce")

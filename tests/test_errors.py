@@ -1,0 +1,107 @@
+"""Bad input raises clear Python errors at trace time; faults at run time fail every rank
+within the deadline, naming the missing ranks (driven by the test-only fault switch)."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import int_valued, mesh_of, spmd
+from jax.sharding import PartitionSpec as P
+
+import jax_ddl
+from jax_ddl import _ddl
+
+
+def _run(fn, n=8, shape=(8, 16), dtype=jnp.float32, check_vma=True):
+    mesh = mesh_of((n,), ("i",))
+    return spmd(fn, mesh, P("i"), P() if check_vma else P("i"), check_vma)(
+        jnp.ones(shape, dtype))
+
+
+def test_unbound_axis_names_the_axis():
+    with pytest.raises(NameError, match=r"axis_name 'zz' is not bound.*bound axes: \['i'\]"):
+        _run(lambda v: jax_ddl.psum(v, "zz"))
+
+
+def test_outside_shard_map():
+    with pytest.raises(NameError, match="inside jax.shard_map or jax.pmap"):
+        jax.jit(lambda v: jax_ddl.psum(v, "i"))(jnp.ones(3))
+
+
+def test_unsupported_dtype_names_leaf_and_dtype():
+    with pytest.raises(TypeError, match=r"leaf \['g'\] has dtype int8.*supported dtypes"):
+        _run(lambda v: jax_ddl.psum({"g": v.astype(jnp.int8)}, "i")["g"].astype(jnp.float32))
+
+
+def test_topology_product_mismatch():
+    with pytest.raises(ValueError, match=r"topology='3x3' multiplies to 9.*spans 8 devices"):
+        _run(lambda v: jax_ddl.psum(v, "i", topology="3x3"))
+
+
+@pytest.mark.parametrize("bad", ["2xq", "", "0x8", "x8"])
+def test_malformed_topology(bad):
+    with pytest.raises(ValueError, match="topology"):
+        _run(lambda v: jax_ddl.psum(v, "i", topology=bad))
+
+
+def test_topology_from_environment(monkeypatch):
+    monkeypatch.setenv("JAX_DDL_TOPOLOGY", "2x4")
+    np.testing.assert_array_equal(_run(lambda v: jax_ddl.psum(v, "i"))[0], 8 * np.ones(16))
+    monkeypatch.setenv("JAX_DDL_TOPOLOGY", "4x4")
+    with pytest.raises(ValueError, match="JAX_DDL_TOPOLOGY='4x4' multiplies to 16"):
+        _run(lambda v: jax_ddl.psum(v, "i"))
+
+
+def test_bad_timeout_setting(monkeypatch):
+    monkeypatch.setenv("JAX_DDL_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="JAX_DDL_TIMEOUT must be a number; got 'soon'"):
+        _run(lambda v: jax_ddl.psum(v, "i"))
+
+
+def test_positional_axis_rejected():
+    with pytest.raises(ValueError, match="positional axis 0"):
+        _run(lambda v: jax_ddl.psum(v, ("i", 0)))
+
+
+def test_bad_op():
+    from jax_ddl._src.collectives import allreduce
+    with pytest.raises(ValueError, match="op must be one of"):
+        _run(lambda v: allreduce(v, "i", op="prod"))
+
+
+@pytest.mark.parametrize("size", [16, 100_000], ids=["small-path", "large-path"])
+def test_missing_rank_times_out_naming_it(size, monkeypatch):
+    monkeypatch.setenv("JAX_DDL_TIMEOUT", "1")
+    _ddl.set_fault("skip", 3)
+    jax_ddl.reset_counters()
+    start = time.monotonic()
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"Missing ranks \[3\] never arrived"):
+        jax.block_until_ready(_run(lambda v: jax_ddl.psum(v, "i"), shape=(8, size)))
+    assert time.monotonic() - start < 30
+    assert jax_ddl.counters()["errors"] == 7  # every rank that arrived failed
+    _ddl.set_fault("none", -1)
+    out = _run(lambda v: jax_ddl.psum(v, "i"), shape=(8, size))  # and the engine recovers
+    np.testing.assert_array_equal(out[0], 8 * np.ones(size))
+
+
+@pytest.mark.parametrize("size", [16, 100_000], ids=["small-path", "large-path"])
+def test_descriptor_mismatch_fails_every_rank(size):
+    _ddl.set_fault("lie", 2)
+    jax_ddl.reset_counters()
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"ranks disagree.*rank 2 has"):
+        jax.block_until_ready(_run(lambda v: jax_ddl.psum(v, "i"), shape=(8, size)))
+    assert jax_ddl.counters()["errors"] == 8
+
+
+def test_fault_switch_validates_kind():
+    with pytest.raises(ValueError, match="fault kind"):
+        _ddl.set_fault("explode", 0)
+
+
+def test_dtype_checked_before_tracing_other_leaves():
+    x = int_valued((8, 4), jnp.float32)
+    with pytest.raises(TypeError, match="complex64"):
+        spmd(lambda v: jax_ddl.psum(v.astype(jnp.complex64), "i"), mesh_of((8,), ("i",)),
+             P("i"), P())(x)
