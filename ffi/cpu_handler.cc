@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -238,6 +239,12 @@ ffi::Error RunTyped(const Call& c) {
   return RunLarge<T>(c);
 }
 
+std::string FormatSeconds(int64_t ms) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g s", ms / 1000.0);
+  return buf;
+}
+
 const char* DtypeName(ffi::DataType t) {
   switch (t) {
     case ffi::DataType::F32: return "float32";
@@ -288,7 +295,7 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
     site.dst_ptrs.assign(ranks, nullptr);
     site.context = "jax_ddl allreduce (call " + std::to_string(call_id) + ", group " +
                    std::to_string(group) + ", topology " + FormatTopology(site.plan_dims) +
-                   ", timeout " + std::to_string(timeout_ms / 1000.0).substr(0, 6) + " s)";
+                   ", timeout " + FormatSeconds(timeout_ms) + ")";
   }
   const Plan& plan = site.plan;
   if (rank < 0 || rank >= plan.num_ranks()) {
@@ -339,8 +346,8 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
   desc.dtype = static_cast<int32_t>(dtype);
   desc.layout_hash = static_cast<int64_t>(hash);
 
-  const char* name = DtypeName(dtype);
-  if (std::string(name) == "an unsupported dtype") {
+  desc.dtype_name = DtypeName(dtype);
+  if (std::string(desc.dtype_name) == "an unsupported dtype") {
     return Fail(ffi::ErrorCode::kInvalidArgument,
                 "jax_ddl_allreduce: unsupported dtype #" + std::to_string(desc.dtype) +
                     "; supported: float32, float64, bfloat16, float16, int32, int64");

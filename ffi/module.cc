@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_handler.h"
+#include "membw.h"
 #include "rendezvous.h"
 #include "topology.h"
 
@@ -38,6 +39,8 @@ NB_MODULE(_ddl, m) {
     d["small_s"] = c.small_ns.load() * 1e-9;
     return d;
   });
+  m.def("copy_bandwidth", &jax_ddl::CopyBandwidth, nb::arg("bytes_per_thread"),
+        nb::arg("threads"), nb::arg("iters"), nb::call_guard<nb::gil_scoped_release>());
   m.def("reset_counters", []() { jax_ddl::GetCounters().Reset(); });
   m.def("set_fault", [](const std::string& kind, int64_t rank) {
     auto& f = jax_ddl::GetFault();

@@ -22,9 +22,9 @@ std::string RankList(const std::vector<int64_t>& ranks) {
 
 std::string DescribeDescriptor(const Descriptor& d) {
   static const char* kOps[] = {"sum", "max", "min"};
-  char buf[160];
-  std::snprintf(buf, sizeof(buf), "%lld elements of dtype #%d in %lld buffer(s) (layout %llx), op %s",
-                static_cast<long long>(d.count), d.dtype, static_cast<long long>(d.num_buffers),
+  char buf[200];
+  std::snprintf(buf, sizeof(buf), "%lld elements of %s in %lld buffer(s) (layout %llx), op %s",
+                static_cast<long long>(d.count), d.dtype_name, static_cast<long long>(d.num_buffers),
                 static_cast<unsigned long long>(d.layout_hash),
                 (d.op >= 0 && d.op < 3) ? kOps[d.op] : "?");
   return buf;

@@ -25,6 +25,7 @@ struct Descriptor {
   int64_t layout_hash = 0;  // hash of the per-buffer element counts
   int32_t dtype = 0;        // XLA FFI data type
   int32_t op = 0;
+  const char* dtype_name = "";  // for messages only; not compared
   bool operator==(const Descriptor& o) const {
     return count == o.count && num_buffers == o.num_buffers && layout_hash == o.layout_hash &&
            dtype == o.dtype && op == o.op;

@@ -1,0 +1,247 @@
+"""nccl-tests-style allreduce benchmark: jax_ddl beside jax.lax in one run.
+
+For each size: a correctness call per implementation and mode (counted wrong elements),
+then timed calls interleaved across implementations so machine noise hits them alike.
+Out-of-place: the input stays live, outputs are fresh buffers. In-place: the input is
+donated and the output aliases it. Reports median time, algbw = S/t, busbw = algbw *
+2(n-1)/n, and the ratio of the physical bound 2*n*S/B (B: copy bandwidth measured in the
+same run) to the measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+DTYPES = ["float32", "float64", "bfloat16", "float16", "int32", "int64"]
+OPS = ["sum", "max", "min"]
+
+
+def parse_size(text: str) -> int:
+    """"4K" -> 4096, "256M" -> 268435456, "8" -> 8."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B") if text.strip() else ""
+    unit = t[-1:] if t[-1:] in SIZE_SUFFIXES and t[-1:] else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    try:
+        value = float(number) * SIZE_SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8, 4K, 16M, 1G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be >= 1 byte; got {text!r}")
+    return int(value)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m jax_ddl.bench",
+        description="Allreduce benchmark in the nccl-tests style: jax_ddl vs jax.lax.psum.")
+    p.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("8"),
+                   help="smallest size per device (default 8)")
+    p.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("256M"),
+                   help="largest size per device (default 256M)")
+    p.add_argument("-f", "--stepfactor", type=float, default=2.0,
+                   help="multiply the size by this between rows (default 2)")
+    p.add_argument("-d", "--datatype", choices=DTYPES, default="float32")
+    p.add_argument("-o", "--op", choices=OPS, default="sum")
+    p.add_argument("-n", "--iters", type=int, default=20, help="timed calls per variant")
+    p.add_argument("-w", "--warmup", type=int, default=3, help="untimed calls per variant")
+    p.add_argument("--devices", type=int, default=8,
+                   help="host CPU devices to create when XLA_FLAGS does not set them (default 8)")
+    p.add_argument("--topology", default=None, help='jax_ddl topology, e.g. "2x4" (default: derived)')
+    p.add_argument("--modes", default="oop,ip", help="comma list of oop (out-of-place), ip (in-place)")
+    p.add_argument("--json", metavar="PATH", help="also write all rows and settings as JSON")
+    args = p.parse_args(argv)
+    if args.minbytes > args.maxbytes:
+        p.error(f"--minbytes ({args.minbytes}) must not exceed --maxbytes ({args.maxbytes})")
+    if args.stepfactor <= 1.0:
+        p.error(f"--stepfactor must be > 1; got {args.stepfactor}")
+    if args.iters < 1 or args.warmup < 0:
+        p.error("--iters must be >= 1 and --warmup >= 0")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("oop", "ip") for m in modes):
+        p.error(f"--modes must list oop and/or ip; got {args.modes!r}")
+    args.modes = modes
+    return args
+
+
+def sizes(lo: int, hi: int, factor: float):
+    out, s = [], float(lo)
+    while s <= hi * (1 + 1e-9):
+        out.append(int(round(s)))
+        s *= factor
+    return out
+
+
+class Harness:
+    """Builds and runs the benchmarked functions over one mesh."""
+
+    def __init__(self, args):
+        import jax
+        import numpy as np
+        from jax.sharding import Mesh
+
+        self.jax, self.np = jax, np
+        self.args = args
+        self.devices = jax.devices()
+        self.n = len(self.devices)
+        self.mesh = Mesh(np.array(self.devices), ("i",))
+
+    def function(self, impl: str, mode: str, dtype, op: str):
+        import jax
+        from jax import lax
+        from jax.sharding import PartitionSpec as P
+
+        from jax_ddl._src.collectives import allreduce
+
+        if impl == "jax_ddl":
+            def body(v):
+                return allreduce(v, "i", op=op, topology=self.args.topology,
+                                 inplace=(mode == "ip"), api="jax_ddl.bench")
+        else:
+            reducer = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}[op]
+
+            def body(v):
+                return reducer(v, "i")
+        fn = jax.shard_map(body, mesh=self.mesh, in_specs=P("i"), out_specs=P("i"),
+                           check_vma=False)
+        return jax.jit(fn, donate_argnums=(0,) if mode == "ip" else ())
+
+    def inputs(self, count: int, dtype, pattern: bool):
+        """(n, count) array sharded one row per device; rank r, element e holds
+        (r + 1) * (e % 7 + 1) when `pattern`, else zeros (timing: no denormals, no overflow)."""
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        np = self.np
+        if pattern:
+            host = (np.arange(1, self.n + 1)[:, None] * (np.arange(count) % 7 + 1)[None, :])
+        else:
+            host = np.zeros((self.n, count))
+        arr = jnp.asarray(host.astype(np.float64)).astype(dtype)
+        return self.jax.device_put(arr, NamedSharding(self.mesh, P("i")))
+
+    def expected(self, count: int, op: str):
+        np = self.np
+        base = (np.arange(count) % 7 + 1).astype(np.float64)
+        if op == "sum":
+            return base * (self.n * (self.n + 1) / 2)
+        return base * (self.n if op == "max" else 1)
+
+
+def measure_bandwidth():
+    from jax_ddl import _ddl
+
+    threads = os.cpu_count() or 1
+    per_thread = max(64 << 20, (512 << 20) // threads)
+    return _ddl.copy_bandwidth(per_thread, threads, 5), threads
+
+
+def run(args, out=sys.stdout):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    h = Harness(args)
+    dtype = jnp.dtype(args.datatype)
+    elem = dtype.itemsize
+    bw_start, threads = measure_bandwidth()
+    impls = ["jax_ddl", "lax.psum"]
+    header = {
+        "devices": h.n, "platform": h.devices[0].platform, "dtype": args.datatype, "op": args.op,
+        "topology": args.topology or "default", "iters": args.iters, "warmup": args.warmup,
+        "jax": jax.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+    }
+    print("# jax_ddl allreduce benchmark: " + ", ".join(f"{k} {v}" for k, v in header.items()),
+          file=out)
+    print(f"# memory bandwidth (copy, read+write, {threads} threads): {bw_start / 1e9:.2f} GB/s "
+          "(start of run)", file=out)
+    print("# bound% = (2 * n * size / bandwidth) / time; x lax = lax.psum time / jax_ddl time",
+          file=out)
+    cols = "".join(f" | {m:>3} {'time(us)':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'bound%':>6}"
+                   for m in args.modes)
+    cols += "".join(f" {'x lax ' + m:>9}" for m in args.modes)
+    print(f"# {'size':>11} {'count':>11} {'type':>8} {'redop':>5} {'impl':>8}{cols}", file=out)
+    print("#" + " " * 11 + "(B/device)" + " " * 33 + "".join(" |" + " " * 17 + "(GB/s)  (GB/s)" + " " * 15
+                                                     for _ in args.modes), file=out)
+
+    rows = []
+    bus = 2 * (h.n - 1) / h.n
+    for size in sizes(args.minbytes, args.maxbytes, args.stepfactor):
+        count = max(1, size // elem)
+        nbytes = count * elem
+        fns, state, wrong = {}, {}, {}
+        for impl in impls:
+            for mode in args.modes:
+                fn = h.function(impl, mode, dtype, args.op)
+                got = np.asarray(fn(h.inputs(count, dtype, pattern=True)), np.float64)
+                wrong[impl, mode] = int((got != h.expected(count, args.op)[None, :]).sum())
+                fns[impl, mode] = fn
+                state[impl, mode] = h.inputs(count, dtype, pattern=False)
+                for _ in range(args.warmup):
+                    y = fn(state[impl, mode])
+                    jax.block_until_ready(y)
+                    if mode == "ip":
+                        state[impl, mode] = y
+        times = {k: [] for k in fns}
+        for _ in range(args.iters):
+            for key, fn in fns.items():
+                t0 = time.perf_counter()
+                y = fn(state[key])
+                jax.block_until_ready(y)
+                times[key].append(time.perf_counter() - t0)
+                if key[1] == "ip":
+                    state[key] = y
+                del y
+        del state
+        bound_s = 2 * h.n * nbytes / bw_start
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        for impl in impls:
+            row = {"size": nbytes, "count": count, "type": args.datatype, "redop": args.op,
+                   "impl": impl}
+            text = f"  {nbytes:>11} {count:>11} {args.datatype:>8} {args.op:>5} {impl:>8}"
+            for mode in args.modes:
+                t = med[impl, mode]
+                algbw = nbytes / t / 1e9
+                row[mode] = {"time_us": t * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * bus,
+                             "wrong": wrong[impl, mode], "bound_pct": 100 * bound_s / t,
+                             "times_us": [x * 1e6 for x in times[impl, mode]]}
+                text += (f" | {mode:>3} {t * 1e6:>10.1f} {algbw:>7.2f} {algbw * bus:>7.2f} "
+                         f"{wrong[impl, mode]:>6} {100 * bound_s / t:>6.1f}")
+            if impl == "jax_ddl":
+                for mode in args.modes:
+                    ratio = med["lax.psum", mode] / med["jax_ddl", mode]
+                    row[mode]["x_lax"] = ratio
+                    text += f" {ratio:>9.2f}"
+            rows.append(row)
+            print(text, file=out, flush=True)
+        del fns
+    bw_end, _ = measure_bandwidth()
+    print(f"# memory bandwidth at end of run: {bw_end / 1e9:.2f} GB/s", file=out)
+    total_wrong = sum(r[m]["wrong"] for r in rows for m in args.modes)
+    for impl in impls:
+        avg = [r[m]["busbw_GBps"] for r in rows if r["impl"] == impl for m in args.modes]
+        print(f"# {impl}: avg busbw {sum(avg) / len(avg):.3f} GB/s", file=out)
+    print(f"# out of bounds values: {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", file=out)
+    result = {"settings": header, "bandwidth_Bps": {"start": bw_start, "end": bw_end},
+              "command": " ".join(["python -m jax_ddl.bench", *sys.argv[1:]]), "rows": rows}
+    return result, total_wrong
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+    if args.datatype in ("float64", "int64"):
+        os.environ.setdefault("JAX_ENABLE_X64", "1")
+    result, wrong = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 1 if wrong else 0

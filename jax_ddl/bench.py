@@ -1,0 +1,8 @@
+"""`python -m jax_ddl.bench`: the allreduce benchmark (see jax_ddl/_src/bench.py)."""
+
+import sys
+
+from jax_ddl._src.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
