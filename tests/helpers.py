@@ -12,8 +12,9 @@ def mesh_of(shape, names):
 
 
 def spmd(fn, mesh, in_specs, out_specs, check_vma=True):
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                 check_vma=check_vma))
+    return jax.jit(
+        jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
+    )
 
 
 def int_valued(shape, dtype, seed=0, low=-8, high=8):

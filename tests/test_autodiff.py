@@ -26,8 +26,11 @@ def _loss(psum, check_vma, topology=None):
     def body(v, w):
         return (psum(jnp.sin(v) * w, "i", **kw) ** 2).sum()
 
-    return jax.jit(jax.shard_map(body, mesh=_mesh(), in_specs=(P("i"), P("i")), out_specs=P(),
-                                 check_vma=check_vma))
+    return jax.jit(
+        jax.shard_map(
+            body, mesh=_mesh(), in_specs=(P("i"), P("i")), out_specs=P(), check_vma=check_vma
+        )
+    )
 
 
 @pytest.mark.parametrize("check_vma", [True, False])
@@ -78,11 +81,18 @@ def test_pmean_grad_matches_lax():
     x = jnp.asarray(np.random.default_rng(2).standard_normal((8, 7)), jnp.float32)
 
     def make(pmean):
-        return jax.jit(jax.shard_map(lambda v: (pmean(v * v, "i") * 3.0).sum(), mesh=_mesh(),
-                                     in_specs=P("i"), out_specs=P()))
+        return jax.jit(
+            jax.shard_map(
+                lambda v: (pmean(v * v, "i") * 3.0).sum(),
+                mesh=_mesh(),
+                in_specs=P("i"),
+                out_specs=P(),
+            )
+        )
 
-    np.testing.assert_allclose(jax.grad(make(jax_ddl.pmean))(x), jax.grad(make(lax.pmean))(x),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(make(jax_ddl.pmean))(x), jax.grad(make(lax.pmean))(x), rtol=1e-6
+    )
 
 
 def test_vmap_over_batch_dimension():
@@ -92,8 +102,9 @@ def test_vmap_over_batch_dimension():
     x = int_valued((3, 8, 5), jnp.float32)
     for axis in (0, 2):
         xs = jnp.moveaxis(x, 0, axis)
-        np.testing.assert_array_equal(jax.jit(jax.vmap(f, in_axes=axis))(xs),
-                                      jax.jit(jax.vmap(g, in_axes=axis))(xs))
+        np.testing.assert_array_equal(
+            jax.jit(jax.vmap(f, in_axes=axis))(xs), jax.jit(jax.vmap(g, in_axes=axis))(xs)
+        )
 
 
 def test_vmap_inside_shard_map_with_named_vmap_axis():
@@ -102,15 +113,18 @@ def test_vmap_inside_shard_map_with_named_vmap_axis():
     def make(psum):
         def body(v):  # v: (1, 4, 5) -> reduce over the vmapped 'b' and the mesh axis 'i'
             return jax.vmap(lambda r: psum(r, ("b", "i")), axis_name="b")(v[0])[None]
-        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("i"), out_specs=P("i"),
-                                     check_vma=False))
+
+        return jax.jit(
+            jax.shard_map(body, mesh=mesh, in_specs=P("i"), out_specs=P("i"), check_vma=False)
+        )
 
     x = int_valued((8, 4, 5), jnp.float32)
     np.testing.assert_array_equal(make(jax_ddl.psum)(x), make(lax.psum)(x))
 
 
 def test_pmax_is_not_differentiable():
-    f = jax.shard_map(lambda v: jax_ddl.pmax(v, "i").sum(), mesh=_mesh(), in_specs=P("i"),
-                      out_specs=P())
+    f = jax.shard_map(
+        lambda v: jax_ddl.pmax(v, "i").sum(), mesh=_mesh(), in_specs=P("i"), out_specs=P()
+    )
     with pytest.raises(TypeError, match="jax_ddl.pmax is not differentiable"):
         jax.grad(f)(jnp.ones((8, 2)))

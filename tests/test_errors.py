@@ -16,8 +16,7 @@ from jax_ddl import _ddl
 
 def _run(fn, n=8, shape=(8, 16), dtype=jnp.float32, check_vma=True):
     mesh = mesh_of((n,), ("i",))
-    return spmd(fn, mesh, P("i"), P() if check_vma else P("i"), check_vma)(
-        jnp.ones(shape, dtype))
+    return spmd(fn, mesh, P("i"), P() if check_vma else P("i"), check_vma)(jnp.ones(shape, dtype))
 
 
 def test_unbound_axis_names_the_axis():
@@ -67,6 +66,7 @@ def test_positional_axis_rejected():
 
 def test_bad_op():
     from jax_ddl._src.collectives import allreduce
+
     with pytest.raises(ValueError, match="op must be one of"):
         _run(lambda v: allreduce(v, "i", op="prod"))
 
@@ -103,5 +103,6 @@ def test_fault_switch_validates_kind():
 def test_dtype_checked_before_tracing_other_leaves():
     x = int_valued((8, 4), jnp.float32)
     with pytest.raises(TypeError, match="complex64"):
-        spmd(lambda v: jax_ddl.psum(v.astype(jnp.complex64), "i"), mesh_of((8,), ("i",)),
-             P("i"), P())(x)
+        spmd(
+            lambda v: jax_ddl.psum(v.astype(jnp.complex64), "i"), mesh_of((8,), ("i",)), P("i"), P()
+        )(x)

@@ -42,8 +42,9 @@ def test_psum_sizes_and_topologies(topology, n):
     np.testing.assert_array_equal(out, ref)
 
 
-@pytest.mark.parametrize("ndev,topology", [(1, "1"), (2, "2"), (3, "3"), (4, "2x2"), (4, "4"),
-                                           (8, None)])
+@pytest.mark.parametrize(
+    "ndev,topology", [(1, "1"), (2, "2"), (3, "3"), (4, "2x2"), (4, "4"), (8, None)]
+)
 def test_device_counts(ndev, topology):
     mesh = mesh_of((ndev,), ("i",))
     x = int_valued((ndev, 3, 50), jnp.float32)
@@ -92,8 +93,12 @@ def test_bool_is_reduced_as_int32():
 
 def test_constant_operand_like_lax():
     mesh = mesh_of((8,), ("i",))
-    f = spmd(lambda v: (v, jax_ddl.psum(3, "i"), jax_ddl.pmean(2.0, "i")), mesh, P("i"),
-             (P("i"), P(), P()))
+    f = spmd(
+        lambda v: (v, jax_ddl.psum(3, "i"), jax_ddl.pmean(2.0, "i")),
+        mesh,
+        P("i"),
+        (P("i"), P(), P()),
+    )
     _, s, m = f(jnp.zeros(8))
     assert int(s) == 24 and float(m) == 2.0
 
@@ -171,8 +176,9 @@ def test_eager_shard_map_without_jit():
 def test_results_deterministic_and_identical_on_all_ranks():
     mesh = mesh_of((8,), ("i",))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 5000)), jnp.float32)
-    f = spmd(lambda v: jax_ddl.psum(v, "i", topology="2x2x2"), mesh, P("i"), P("i"),
-             check_vma=False)
+    f = spmd(
+        lambda v: jax_ddl.psum(v, "i", topology="2x2x2"), mesh, P("i"), P("i"), check_vma=False
+    )
     a, b = np.asarray(f(x)), np.asarray(f(x))
     np.testing.assert_array_equal(a, b)
     for r in range(8):
@@ -192,8 +198,9 @@ def test_16bit_accumulates_in_float32_rounded_once(dtype, small, monkeypatch):
     inner = [xf[2 * c1] + xf[2 * c1 + 1] for c1 in range(4)]
     total = ((inner[0] + inner[1]) + inner[2]) + inner[3]
     expected = jnp.asarray(total).astype(dtype)
-    np.testing.assert_array_equal(np.asarray(out[0]).view(np.uint16),
-                                  np.asarray(expected).view(np.uint16))
+    np.testing.assert_array_equal(
+        np.asarray(out[0]).view(np.uint16), np.asarray(expected).view(np.uint16)
+    )
 
 
 def test_in_a_loop_body_and_repeated_calls():
@@ -202,12 +209,18 @@ def test_in_a_loop_body_and_repeated_calls():
     def body(v):
         def step(carry, _):
             return jax_ddl.pmean(carry, "i") + 1.0, None
+
         return lax.scan(step, v, None, length=5)[0]
 
     x = int_valued((8, 20), jnp.float32)
     out = spmd(body, mesh, P("i"), P("i"), check_vma=False)(x)
-    ref = spmd(lambda v: lax.scan(lambda c, _: (lax.pmean(c, "i") + 1.0, None), v, None,
-                                  length=5)[0], mesh, P("i"), P("i"), check_vma=False)(x)
+    ref = spmd(
+        lambda v: lax.scan(lambda c, _: (lax.pmean(c, "i") + 1.0, None), v, None, length=5)[0],
+        mesh,
+        P("i"),
+        P("i"),
+        check_vma=False,
+    )(x)
     np.testing.assert_allclose(out, ref, rtol=1e-6)
 
 
@@ -215,8 +228,12 @@ def test_two_independent_calls_in_one_program():
     mesh = mesh_of((8,), ("i",))
     x = int_valued((8, 50), jnp.float32, 1)
     y = int_valued((8, 50), jnp.float32, 2)
-    f = spmd(lambda a, b: (jax_ddl.psum(a, "i"), jax_ddl.psum(b * 2, "i")), mesh,
-             (P("i"), P("i")), (P(), P()))
+    f = spmd(
+        lambda a, b: (jax_ddl.psum(a, "i"), jax_ddl.psum(b * 2, "i")),
+        mesh,
+        (P("i"), P("i")),
+        (P(), P()),
+    )
     a, b = f(x, y)
     np.testing.assert_array_equal(a[0], np.asarray(x).sum(0))
     np.testing.assert_array_equal(b[0], 2 * np.asarray(y).sum(0))

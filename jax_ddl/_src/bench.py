@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -24,14 +23,16 @@ OPS = ["sum", "max", "min"]
 
 
 def parse_size(text: str) -> int:
-    """"4K" -> 4096, "256M" -> 268435456, "8" -> 8."""
+    """ "4K" -> 4096, "256M" -> 268435456, "8" -> 8."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B") if text.strip() else ""
     unit = t[-1:] if t[-1:] in SIZE_SUFFIXES and t[-1:] else ""
     number = t[: len(t) - len(unit)] if unit else t
     try:
         value = float(number) * SIZE_SUFFIXES[unit]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8, 4K, 16M, 1G)") from None
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (examples: 8, 4K, 16M, 1G)"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be >= 1 byte; got {text!r}")
     return int(value)
@@ -40,21 +41,45 @@ def parse_size(text: str) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m jax_ddl.bench",
-        description="Allreduce benchmark in the nccl-tests style: jax_ddl vs jax.lax.psum.")
-    p.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("8"),
-                   help="smallest size per device (default 8)")
-    p.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("256M"),
-                   help="largest size per device (default 256M)")
-    p.add_argument("-f", "--stepfactor", type=float, default=2.0,
-                   help="multiply the size by this between rows (default 2)")
+        description="Allreduce benchmark in the nccl-tests style: jax_ddl vs jax.lax.psum.",
+    )
+    p.add_argument(
+        "-b",
+        "--minbytes",
+        type=parse_size,
+        default=parse_size("8"),
+        help="smallest size per device (default 8)",
+    )
+    p.add_argument(
+        "-e",
+        "--maxbytes",
+        type=parse_size,
+        default=parse_size("256M"),
+        help="largest size per device (default 256M)",
+    )
+    p.add_argument(
+        "-f",
+        "--stepfactor",
+        type=float,
+        default=2.0,
+        help="multiply the size by this between rows (default 2)",
+    )
     p.add_argument("-d", "--datatype", choices=DTYPES, default="float32")
     p.add_argument("-o", "--op", choices=OPS, default="sum")
     p.add_argument("-n", "--iters", type=int, default=20, help="timed calls per variant")
     p.add_argument("-w", "--warmup", type=int, default=3, help="untimed calls per variant")
-    p.add_argument("--devices", type=int, default=8,
-                   help="host CPU devices to create when XLA_FLAGS does not set them (default 8)")
-    p.add_argument("--topology", default=None, help='jax_ddl topology, e.g. "2x4" (default: derived)')
-    p.add_argument("--modes", default="oop,ip", help="comma list of oop (out-of-place), ip (in-place)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=8,
+        help="host CPU devices to create when XLA_FLAGS does not set them (default 8)",
+    )
+    p.add_argument(
+        "--topology", default=None, help='jax_ddl topology, e.g. "2x4" (default: derived)'
+    )
+    p.add_argument(
+        "--modes", default="oop,ip", help="comma list of oop (out-of-place), ip (in-place)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write all rows and settings as JSON")
     args = p.parse_args(argv)
     if args.minbytes > args.maxbytes:
@@ -100,27 +125,35 @@ class Harness:
         from jax_ddl._src.collectives import allreduce
 
         if impl == "jax_ddl":
+
             def body(v):
-                return allreduce(v, "i", op=op, topology=self.args.topology,
-                                 inplace=(mode == "ip"), api="jax_ddl.bench")
+                return allreduce(
+                    v,
+                    "i",
+                    op=op,
+                    topology=self.args.topology,
+                    inplace=(mode == "ip"),
+                    api="jax_ddl.bench",
+                )
         else:
             reducer = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}[op]
 
             def body(v):
                 return reducer(v, "i")
-        fn = jax.shard_map(body, mesh=self.mesh, in_specs=P("i"), out_specs=P("i"),
-                           check_vma=False)
+
+        fn = jax.shard_map(body, mesh=self.mesh, in_specs=P("i"), out_specs=P("i"), check_vma=False)
         return jax.jit(fn, donate_argnums=(0,) if mode == "ip" else ())
 
     def inputs(self, count: int, dtype, pattern: bool):
         """(n, count) array sharded one row per device; rank r, element e holds
         (r + 1) * (e % 7 + 1) when `pattern`, else zeros (timing: no denormals, no overflow)."""
         import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         np = self.np
         if pattern:
-            host = (np.arange(1, self.n + 1)[:, None] * (np.arange(count) % 7 + 1)[None, :])
+            host = np.arange(1, self.n + 1)[:, None] * (np.arange(count) % 7 + 1)[None, :]
         else:
             host = np.zeros((self.n, count))
         arr = jnp.asarray(host.astype(np.float64)).astype(dtype)
@@ -153,22 +186,44 @@ def run(args, out=sys.stdout):
     bw_start, threads = measure_bandwidth()
     impls = ["jax_ddl", "lax.psum"]
     header = {
-        "devices": h.n, "platform": h.devices[0].platform, "dtype": args.datatype, "op": args.op,
-        "topology": args.topology or "default", "iters": args.iters, "warmup": args.warmup,
-        "jax": jax.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+        "devices": h.n,
+        "platform": h.devices[0].platform,
+        "dtype": args.datatype,
+        "op": args.op,
+        "topology": args.topology or "default",
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
     }
-    print("# jax_ddl allreduce benchmark: " + ", ".join(f"{k} {v}" for k, v in header.items()),
-          file=out)
-    print(f"# memory bandwidth (copy, read+write, {threads} threads): {bw_start / 1e9:.2f} GB/s "
-          "(start of run)", file=out)
-    print("# bound% = (2 * n * size / bandwidth) / time; x lax = lax.psum time / jax_ddl time",
-          file=out)
-    cols = "".join(f" | {m:>3} {'time(us)':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'bound%':>6}"
-                   for m in args.modes)
+    print(
+        "# jax_ddl allreduce benchmark: " + ", ".join(f"{k} {v}" for k, v in header.items()),
+        file=out,
+    )
+    print(
+        f"# memory bandwidth (copy, read+write, {threads} threads): {bw_start / 1e9:.2f} GB/s "
+        "(start of run)",
+        file=out,
+    )
+    print(
+        "# bound% = (2 * n * size / bandwidth) / time; x lax = lax.psum time / jax_ddl time",
+        file=out,
+    )
+    cols = "".join(
+        f" | {m:>3} {'time(us)':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'bound%':>6}"
+        for m in args.modes
+    )
     cols += "".join(f" {'x lax ' + m:>9}" for m in args.modes)
     print(f"# {'size':>11} {'count':>11} {'type':>8} {'redop':>5} {'impl':>8}{cols}", file=out)
-    print("#" + " " * 11 + "(B/device)" + " " * 33 + "".join(" |" + " " * 17 + "(GB/s)  (GB/s)" + " " * 15
-                                                     for _ in args.modes), file=out)
+    print(
+        "#"
+        + " " * 11
+        + "(B/device)"
+        + " " * 33
+        + "".join(" |" + " " * 17 + "(GB/s)  (GB/s)" + " " * 15 for _ in args.modes),
+        file=out,
+    )
 
     rows = []
     bus = 2 * (h.n - 1) / h.n
@@ -202,17 +257,29 @@ def run(args, out=sys.stdout):
         bound_s = 2 * h.n * nbytes / bw_start
         med = {k: float(np.median(v)) for k, v in times.items()}
         for impl in impls:
-            row = {"size": nbytes, "count": count, "type": args.datatype, "redop": args.op,
-                   "impl": impl}
+            row = {
+                "size": nbytes,
+                "count": count,
+                "type": args.datatype,
+                "redop": args.op,
+                "impl": impl,
+            }
             text = f"  {nbytes:>11} {count:>11} {args.datatype:>8} {args.op:>5} {impl:>8}"
             for mode in args.modes:
                 t = med[impl, mode]
                 algbw = nbytes / t / 1e9
-                row[mode] = {"time_us": t * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * bus,
-                             "wrong": wrong[impl, mode], "bound_pct": 100 * bound_s / t,
-                             "times_us": [x * 1e6 for x in times[impl, mode]]}
-                text += (f" | {mode:>3} {t * 1e6:>10.1f} {algbw:>7.2f} {algbw * bus:>7.2f} "
-                         f"{wrong[impl, mode]:>6} {100 * bound_s / t:>6.1f}")
+                row[mode] = {
+                    "time_us": t * 1e6,
+                    "algbw_GBps": algbw,
+                    "busbw_GBps": algbw * bus,
+                    "wrong": wrong[impl, mode],
+                    "bound_pct": 100 * bound_s / t,
+                    "times_us": [x * 1e6 for x in times[impl, mode]],
+                }
+                text += (
+                    f" | {mode:>3} {t * 1e6:>10.1f} {algbw:>7.2f} {algbw * bus:>7.2f} "
+                    f"{wrong[impl, mode]:>6} {100 * bound_s / t:>6.1f}"
+                )
             if impl == "jax_ddl":
                 for mode in args.modes:
                     ratio = med["lax.psum", mode] / med["jax_ddl", mode]
@@ -227,9 +294,15 @@ def run(args, out=sys.stdout):
     for impl in impls:
         avg = [r[m]["busbw_GBps"] for r in rows if r["impl"] == impl for m in args.modes]
         print(f"# {impl}: avg busbw {sum(avg) / len(avg):.3f} GB/s", file=out)
-    print(f"# out of bounds values: {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", file=out)
-    result = {"settings": header, "bandwidth_Bps": {"start": bw_start, "end": bw_end},
-              "command": " ".join(["python -m jax_ddl.bench", *sys.argv[1:]]), "rows": rows}
+    print(
+        f"# out of bounds values: {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}", file=out
+    )
+    result = {
+        "settings": header,
+        "bandwidth_Bps": {"start": bw_start, "end": bw_end},
+        "command": " ".join(["python -m jax_ddl.bench", *sys.argv[1:]]),
+        "rows": rows,
+    }
     return result, total_wrong
 
 
@@ -237,7 +310,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+        )
     if args.datatype in ("float64", "int64"):
         os.environ.setdefault("JAX_ENABLE_X64", "1")
     result, wrong = run(args)

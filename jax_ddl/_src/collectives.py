@@ -26,7 +26,8 @@ from jax_ddl._src import topology as _topology
 TARGET = "jax_ddl_allreduce"
 OPS = {"sum": 0, "max": 1, "min": 2}
 SUPPORTED_DTYPES = tuple(
-    np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16, jnp.int32, jnp.int64))
+    np.dtype(d) for d in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16, jnp.int32, jnp.int64)
+)
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_SMALL_BYTES = 16 * 1024
 
@@ -61,7 +62,9 @@ def small_bytes() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"JAX_DDL_SMALL_BYTES must be an integer byte count; got {raw!r}") from None
+        raise ValueError(
+            f"JAX_DDL_SMALL_BYTES must be an integer byte count; got {raw!r}"
+        ) from None
     if value < 0:
         raise ValueError(f"JAX_DDL_SMALL_BYTES must be >= 0; got {raw!r}")
     return value
@@ -89,7 +92,8 @@ allreduce_p.def_effectful_abstract_eval(_abstract_eval)
 def _impl(*args, **params):
     raise ValueError(
         "jax_ddl collectives must be called inside jax.shard_map or jax.pmap, where "
-        f"the axes {params['axes']!r} are bound.")
+        f"the axes {params['axes']!r} are bound."
+    )
 
 
 allreduce_p.def_impl(_impl)
@@ -99,15 +103,24 @@ def _lowering(ctx, rank, group, *xs, axes, op, grid, call_id, timeout, small, in
     del axes, vma
     aliases = {i + 2: i for i in range(len(xs))} if inplace else None
     rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases=aliases)
-    return rule(ctx, rank, group, *xs, op=np.int32(OPS[op]), call_id=np.int64(call_id),
-                dims=np.asarray(grid, np.int64), timeout_ms=np.int64(timeout),
-                small_bytes=np.int64(small))
+    return rule(
+        ctx,
+        rank,
+        group,
+        *xs,
+        op=np.int32(OPS[op]),
+        call_id=np.int64(call_id),
+        dims=np.asarray(grid, np.int64),
+        timeout_ms=np.int64(timeout),
+        small_bytes=np.int64(small),
+    )
 
 
 def _unsupported_platform(ctx, *args, **params):
     raise NotImplementedError(
         "jax_ddl has an allreduce handler for the CPU platform only so far; on this "
-        "platform use jax.lax.psum, or run on CPU devices.")
+        "platform use jax.lax.psum, or run on CPU devices."
+    )
 
 
 compat.mlir.register_lowering(allreduce_p, _unsupported_platform)
@@ -123,7 +136,8 @@ def _jvp(primals, tangents, **params):
     if params["op"] != "sum":
         raise TypeError(
             f"jax_ddl.p{params['op']} is not differentiable (neither is jax.lax.p{params['op']}); "
-            "use jax_ddl.psum or stop_gradient.")
+            "use jax_ddl.psum or stop_gradient."
+        )
     outs = allreduce_p.bind(rank, group, *xs, **params)
     ts = [compat.instantiate_zeros(t) for t in tangents[2:]]
     return outs, _bind(rank, group, ts, **params)
@@ -166,6 +180,7 @@ compat.batching.primitive_batchers[allreduce_p] = _batch
 # ---------------------------------------------------------------------------------------
 # The public functions.
 
+
 def _canonical_axes(axis_name, api: str) -> tuple:
     axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
     if not axes:
@@ -176,12 +191,14 @@ def _canonical_axes(axis_name, api: str) -> tuple:
         if isinstance(a, int):
             raise ValueError(
                 f"{api}: axis_name {axis_name!r} contains the positional axis {a}; jax_ddl reduces "
-                "over named mesh axes only (use jnp.sum for array axes)")
+                "over named mesh axes only (use jnp.sum for array axes)"
+            )
         if not compat.axis_bound(a):
             bound = compat.bound_axis_names()
             raise NameError(
                 f"{api}: axis_name {a!r} is not bound here (bound axes: {list(bound)}). Call "
-                f"{api} inside jax.shard_map or jax.pmap over a mesh axis named {a!r}.")
+                f"{api} inside jax.shard_map or jax.pmap over a mesh axis named {a!r}."
+            )
     return axes
 
 
@@ -193,12 +210,20 @@ def _check_dtype(x, api: str, path) -> np.dtype:
         names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise TypeError(
             f"{api}: leaf {jax.tree_util.keystr(path) or 'x'} has dtype {dtype}, which jax_ddl "
-            f"does not reduce; supported dtypes: {names} (and bool, as int32). Cast it first.")
+            f"does not reduce; supported dtypes: {names} (and bool, as int32). Cast it first."
+        )
     return dtype
 
 
-def allreduce(x, axis_name, *, op: str = "sum", topology=None, inplace: bool = True,
-              api: str = "jax_ddl.allreduce"):
+def allreduce(
+    x,
+    axis_name,
+    *,
+    op: str = "sum",
+    topology=None,
+    inplace: bool = True,
+    api: str = "jax_ddl.allreduce",
+):
     """Reduces every leaf of `x` over the named axes; the engine behind psum/pmax/pmin.
 
     Leaves are grouped by dtype and each group goes through one custom call (no
@@ -246,8 +271,15 @@ def allreduce(x, axis_name, *, op: str = "sum", topology=None, inplace: bool = T
         rank = lax.axis_index(mesh_axes).astype(jnp.int32)
         others = tuple(a for a in compat.manual_axes() if a not in mesh_axes)
         group = lax.axis_index(others).astype(jnp.int32) if others else jnp.int32(0)
-        params = dict(axes=mesh_axes, op=op, grid=tuple(dims), timeout=timeout_ms(),
-                      small=small_bytes(), inplace=bool(inplace), vma=vma)
+        params = dict(
+            axes=mesh_axes,
+            op=op,
+            grid=tuple(dims),
+            timeout=timeout_ms(),
+            small=small_bytes(),
+            inplace=bool(inplace),
+            vma=vma,
+        )
         for members in groups.values():
             reduced = _bind(rank, group, [leaf for _, leaf in members], **params)
             for (i, _), r in zip(members, reduced):
@@ -314,7 +346,9 @@ def counters() -> dict:
       dict with `calls` (custom calls, one per device per dtype group), `bytes` (bytes
       reduced, summed over devices), `errors`, `small_calls` (calls that took the one-shot
       small-message path), and seconds summed over device threads: `arrive_s` (waiting for
-      all ranks), `reduce_scatter_s`, `broadcast_s` (last stage: reduce and write into every output, then the exit barrier), `small_s` (the one-shot path's work).
+      all ranks), `reduce_scatter_s` (every stage but the last, with its barrier),
+      `broadcast_s` (the last stage: reduce and write into every rank's output, then the
+      exit barrier) and `small_s` (the one-shot small-message path's reduction).
     """
     return dict(_ddl.counters())
 

@@ -17,15 +17,21 @@ def parse(spec, *, source: str = "topology") -> tuple[int, ...]:
       ValueError: naming `source`, the given value and the expected form.
     """
     if isinstance(spec, bool):
-        raise TypeError(f"{source} must be a string like '4x2', an int or a tuple of ints; got {spec!r}")
+        raise TypeError(
+            f"{source} must be a string like '4x2', an int or a tuple of ints; got {spec!r}"
+        )
     if isinstance(spec, int):
         spec = str(spec)
     if isinstance(spec, (tuple, list)):
-        if not spec or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in spec):
+        if not spec or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in spec
+        ):
             raise ValueError(f"{source} must be a non-empty tuple of positive ints; got {spec!r}")
         return tuple(int(d) for d in spec)
     if not isinstance(spec, str):
-        raise TypeError(f"{source} must be a string like '4x2', an int or a tuple of ints; got {spec!r}")
+        raise TypeError(
+            f"{source} must be a string like '4x2', an int or a tuple of ints; got {spec!r}"
+        )
     try:
         return tuple(_ddl.parse_topology(spec))
     except ValueError as e:
@@ -61,5 +67,6 @@ def resolve(topology, size: int, api: str, axes: tuple) -> tuple[int, ...]:
         raise ValueError(
             f"{source}={format(dims)!r} multiplies to {math.prod(dims)}, but axis_name "
             f"{axes!r} spans {size} devices; give dimensions that multiply to {size} "
-            f"(for example {size!r} for a flat ring).")
+            f"(for example {size!r} for a flat ring)."
+        )
     return dims
