@@ -32,10 +32,10 @@ std::string DescribeDescriptor(const Descriptor& d) {
 
 }  // namespace
 
-void Rendezvous::Reset(const RendezvousKey& key, int64_t size, std::string context) {
+void Rendezvous::Reset(const RendezvousKey& key, int64_t size, const std::string& context) {
   key_ = key;
   size_ = size;
-  context_ = std::move(context);
+  context_.assign(context);  // reuses capacity: no allocation once warm
   members_.assign(size, Member{});
   reached_.assign(size, -1);
   phase_count_.assign(kMaxPhases, 0);

@@ -63,7 +63,7 @@ class Rendezvous {
 
  private:
   friend class Registry;
-  void Reset(const RendezvousKey& key, int64_t size, std::string context);
+  void Reset(const RendezvousKey& key, int64_t size, const std::string& context);
   bool WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase, const char* stage,
                  Clock::time_point deadline, std::string* error);
 
