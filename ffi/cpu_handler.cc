@@ -1,6 +1,6 @@
 // jax_ddl_allreduce on CPU: DDL's multi-dimensional allreduce over the devices of one
 // process through shared memory. Each device thread reads its peers' buffers directly,
-// reduces the slice it owns at each stage, and copies the peers' slices back in reverse.
+// reduces the slice it owns at each stage and writes each final slice into every output.
 #include "cpu_handler.h"
 
 #include <algorithm>
@@ -90,10 +90,9 @@ ffi::Error Fail(ffi::ErrorCode code, const std::string& msg) {
   return ffi::Error(code, msg);
 }
 
-ffi::Error FailRendezvous(const std::string& msg) {
-  const bool timeout = msg.find("timed out") != std::string::npos;
-  return Fail(timeout ? ffi::ErrorCode::kDeadlineExceeded : ffi::ErrorCode::kFailedPrecondition,
-              msg);
+ffi::Error FailRendezvous(const Failure& f) {
+  return Fail(f.deadline ? ffi::ErrorCode::kDeadlineExceeded : ffi::ErrorCode::kFailedPrecondition,
+              f.message);
 }
 
 // Small messages: one barrier. Each rank copies its input into one half of a
@@ -115,7 +114,7 @@ ffi::Error RunSmall(const Call& c) {
   Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(), nullptr, staging.data()};
   const auto t0 = Clock::now();
   Rendezvous* r = Registry::Get().Join(c.key, plan.num_ranks(), *c.context);
-  std::string error;
+  Failure error;
   const bool ok = r->Arrive(c.rank, me, c.deadline, &error);
   if (ok) {
     for (int64_t q = 0; q < plan.num_ranks(); ++q) site.peer_ptrs[q] = r->member(q).staging;
@@ -176,7 +175,7 @@ ffi::Error RunLarge(const Call& c) {
 
   const auto t0 = Clock::now();
   Rendezvous* r = Registry::Get().Join(c.key, ranks, *c.context);
-  std::string error;
+  Failure error;
   if (!r->Arrive(c.rank, me, c.deadline, &error)) {
     Registry::Get().Leave(r);
     return FailRendezvous(error);

@@ -40,13 +40,13 @@ void Rendezvous::Reset(const RendezvousKey& key, int64_t size, const std::string
   reached_.assign(size, -1);
   phase_count_.assign(kMaxPhases, 0);
   failed_ = false;
-  failure_.clear();
+  failure_ = Failure{};
   joined_ = 0;
   left_ = 0;
 }
 
 bool Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase,
-                           const char* stage, Clock::time_point deadline, std::string* error) {
+                           const char* stage, Clock::time_point deadline, Failure* failure) {
   while (phase_count_[phase] < size_ && !failed_) {
     if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && phase_count_[phase] < size_ &&
         !failed_) {
@@ -56,50 +56,52 @@ bool Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int
         else if (reached_[r] < phase) behind.push_back(r);
       }
       failed_ = true;
-      failure_ = context_ + ": timed out in stage '" + stage + "' (rank " + std::to_string(rank) +
-                 " waiting). ";
-      if (!never.empty()) failure_ += "Missing ranks " + RankList(never) + " never arrived. ";
+      failure_.deadline = true;
+      std::string& msg = failure_.message;
+      msg = context_ + ": timed out in stage '" + stage + "' (rank " + std::to_string(rank) +
+            " waiting). ";
+      if (!never.empty()) msg += "Missing ranks " + RankList(never) + " never arrived. ";
       if (!behind.empty()) {
-        failure_ += "Ranks " + RankList(behind) + " arrived but did not reach stage '" +
-                    stage + "'. ";
+        msg += "Ranks " + RankList(behind) + " arrived but did not reach stage '" + stage + "'. ";
       }
-      failure_ += "Raise JAX_DDL_TIMEOUT if they are only slow.";
+      msg += "Raise JAX_DDL_TIMEOUT if they are only slow.";
       cv_.notify_all();
     }
   }
   if (failed_) {
-    *error = failure_;
+    *failure = failure_;
     return false;
   }
   return true;
 }
 
 bool Rendezvous::Arrive(int64_t rank, const Member& me, Clock::time_point deadline,
-                        std::string* error) {
+                        Failure* failure) {
   std::unique_lock<std::mutex> lock(mu_);
   if (failed_) {
-    *error = failure_;
+    *failure = failure_;
     return false;
   }
   if (reached_[rank] >= 0) {
     failed_ = true;
-    failure_ = context_ + ": rank " + std::to_string(rank) + " was claimed by device " +
+    failure_.message = context_ + ": rank " + std::to_string(rank) + " was claimed by device " +
                std::to_string(members_[rank].device) + " and by device " +
                std::to_string(me.device) +
                ". Each device must have its own rank in the reduced axes; a shard_map that "
                "leaves some mesh axes automatic is not supported.";
     cv_.notify_all();
-    *error = failure_;
+    *failure = failure_;
     return false;
   }
   members_[rank] = me;
   reached_[rank] = 0;
   if (++phase_count_[0] == size_) cv_.notify_all();
-  if (!WaitPhase(lock, rank, 0, "arrive", deadline, error)) return false;
+  if (!WaitPhase(lock, rank, 0, "arrive", deadline, failure)) return false;
   const Descriptor& ref = members_[0].desc;
   for (int64_t r = 1; r < size_; ++r) {
     if (!(members_[r].desc == ref)) {
-      *error = context_ + ": ranks disagree on the operands: rank 0 has " +
+      failure->deadline = false;
+      failure->message = context_ + ": ranks disagree on the operands: rank 0 has " +
                DescribeDescriptor(ref) + ", rank " + std::to_string(r) + " has " +
                DescribeDescriptor(members_[r].desc) +
                ". Every rank must reduce the same shapes, dtypes and op.";
@@ -110,15 +112,16 @@ bool Rendezvous::Arrive(int64_t rank, const Member& me, Clock::time_point deadli
 }
 
 bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
-                         std::string* error) {
+                         Failure* failure) {
   std::unique_lock<std::mutex> lock(mu_);
   if (phase >= kMaxPhases) {
-    *error = context_ + ": too many stages";
+    failure->message = context_ + ": the topology has more stages than the engine supports (" +
+                       std::to_string(kMaxPhases - 1) + ")";
     return false;
   }
   reached_[rank] = phase;
   if (++phase_count_[phase] == size_) cv_.notify_all();
-  return WaitPhase(lock, rank, phase, stage, deadline, error);
+  return WaitPhase(lock, rank, phase, stage, deadline, failure);
 }
 
 Registry& Registry::Get() {

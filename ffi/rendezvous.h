@@ -51,21 +51,27 @@ struct RendezvousKey {
   }
 };
 
+// Why a rendezvous failed: `deadline` for a wait that expired, else a disagreement.
+struct Failure {
+  bool deadline = false;
+  std::string message;
+};
+
 class Rendezvous {
  public:
   // Publishes `me` for `rank` and waits for all ranks (phase 0). Fails on a deadline,
   // a rank claimed twice, or descriptors that disagree; every rank sees the same error.
-  bool Arrive(int64_t rank, const Member& me, Clock::time_point deadline, std::string* error);
+  bool Arrive(int64_t rank, const Member& me, Clock::time_point deadline, Failure* failure);
   // Barrier `phase` (>= 1) among all ranks, bounded by `deadline`; `stage` names it in errors.
   bool Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
-               std::string* error);
+               Failure* failure);
   const Member& member(int64_t rank) const { return members_[rank]; }
 
  private:
   friend class Registry;
   void Reset(const RendezvousKey& key, int64_t size, const std::string& context);
   bool WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase, const char* stage,
-                 Clock::time_point deadline, std::string* error);
+                 Clock::time_point deadline, Failure* failure);
 
   RendezvousKey key_{};
   int64_t size_ = 0;
@@ -76,7 +82,7 @@ class Rendezvous {
   std::vector<int> reached_;      // highest phase each rank reached, -1 before arrival
   std::vector<int> phase_count_;  // ranks that reached each phase
   bool failed_ = false;
-  std::string failure_;
+  Failure failure_;
   int64_t joined_ = 0;
   int64_t left_ = 0;
 };

@@ -1,5 +1,7 @@
 """Shared helpers for the tests (importable because tests/ is on sys.path)."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,3 +29,15 @@ def count_ddl_calls(fn, *args):
     """Number of ddl_allreduce equations in the jaxpr of fn(*args), at any depth."""
     jaxpr = jax.make_jaxpr(fn)(*args)
     return str(jaxpr).count("ddl_allreduce")
+
+
+def settled_counter(name, expected, timeout=10.0):
+    """The counter once it reaches `expected` (device threads still failing when the first
+    error surfaces in Python finish shortly after), or its value after `timeout`."""
+    import jax_ddl
+
+    deadline = time.monotonic() + timeout
+    while jax_ddl.counters()[name] < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # a value past `expected` would show up here
+    return jax_ddl.counters()[name]

@@ -119,7 +119,7 @@ def test_pytree_one_call_per_dtype():
     jaxpr = str(jax.make_jaxpr(f)(tree))
     assert "concatenate" not in jaxpr
     jax_ddl.reset_counters()
-    out = f(tree)
+    out = jax.block_until_ready(f(tree))
     assert jax_ddl.counters()["calls"] == 3 * 8
     ref = spmd(lambda t: lax.psum(t, "i"), mesh, (specs,), out_specs)(tree)
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):

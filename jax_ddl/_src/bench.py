@@ -215,15 +215,11 @@ def run(args, out=sys.stdout):
         for m in args.modes
     )
     cols += "".join(f" {'x lax ' + m:>9}" for m in args.modes)
-    print(f"# {'size':>11} {'count':>11} {'type':>8} {'redop':>5} {'impl':>8}{cols}", file=out)
-    print(
-        "#"
-        + " " * 11
-        + "(B/device)"
-        + " " * 33
-        + "".join(" |" + " " * 17 + "(GB/s)  (GB/s)" + " " * 15 for _ in args.modes),
-        file=out,
+    units = "".join(
+        f" | {'':>3} {'':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6} {'':>6}" for _ in args.modes
     )
+    print(f"# {'size':>11} {'count':>11} {'type':>8} {'redop':>5} {'impl':>8}{cols}", file=out)
+    print(f"# {'(B/device)':>11} {'':>11} {'':>8} {'':>5} {'':>8}{units}", file=out)
 
     rows = []
     bus = 2 * (h.n - 1) / h.n
