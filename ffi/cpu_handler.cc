@@ -417,7 +417,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpu, AllreduceCpu,
                                   .RemainingArgs()            // the buffers to reduce, one dtype
                                   .RemainingRets()            // results, may alias the buffers
                                   .Attr<int32_t>("op")        // 0 sum, 1 max, 2 min
-                                  .Attr<int64_t>("call_id")   // call site, fixed at trace time
+                                  .Attr<int64_t>("call_id")   // call site, unique per lowered instruction
                                   .Attr<ffi::Span<const int64_t>>("dims")  // topology grid
                                   .Attr<int64_t>("timeout_ms")   // deadline of every wait
                                   .Attr<int64_t>("small_bytes")  // one-shot path at or below this

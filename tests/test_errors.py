@@ -106,3 +106,19 @@ def test_dtype_checked_before_tracing_other_leaves():
         spmd(
             lambda v: jax_ddl.psum(v.astype(jnp.complex64), "i"), mesh_of((8,), ("i",)), P("i"), P()
         )(x)
+
+
+def test_partially_manual_shard_map_is_rejected_at_trace_time():
+    mesh = mesh_of((2, 4), ("a", "b"))
+    f = jax.jit(
+        jax.shard_map(
+            lambda v: jax_ddl.psum(v, "b"),
+            mesh=mesh,
+            in_specs=P("b"),
+            out_specs=P("b"),
+            axis_names={"b"},
+            check_vma=False,
+        )
+    )
+    with pytest.raises(NotImplementedError, match=r"mesh axes \['a'\] are not manual"):
+        f(jnp.ones((8, 3)))

@@ -77,8 +77,8 @@ allreduce_p = compat.Primitive("ddl_allreduce")
 allreduce_p.multiple_results = True
 
 
-def _abstract_eval(rank, group, *avals, axes, op, grid, call_id, timeout, small, inplace, vma):
-    del rank, group, op, grid, call_id, timeout, small, inplace
+def _abstract_eval(rank, group, *avals, axes, op, grid, timeout, small, inplace, vma):
+    del rank, group, op, grid, timeout, small, inplace
     if vma:
         outs = [compat.with_vma(a, compat.vma(a) - frozenset(axes)) for a in avals]
     else:
@@ -99,17 +99,21 @@ def _impl(*args, **params):
 allreduce_p.def_impl(_impl)
 
 
-def _lowering(ctx, rank, group, *xs, axes, op, grid, call_id, timeout, small, inplace, vma):
+def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, inplace, vma):
     del axes, vma
     aliases = {i + 2: i for i in range(len(xs))} if inplace else None
-    rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases=aliases)
+    # Side effect: XLA keeps the calls of one program in program order on every device,
+    # never concurrent or reordered, so the engine can pair them by occurrence.
+    rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases=aliases, has_side_effect=True)
+    # The call id is drawn per lowered instruction, so no two call sites of a compiled
+    # program (nor of two programs) share one, even when a traced function is reused.
     return rule(
         ctx,
         rank,
         group,
         *xs,
         op=np.int32(OPS[op]),
-        call_id=np.int64(call_id),
+        call_id=np.int64(next(_call_ids)),
         dims=np.asarray(grid, np.int64),
         timeout_ms=np.int64(timeout),
         small_bytes=np.int64(small),
@@ -128,7 +132,7 @@ compat.mlir.register_lowering(allreduce_p, _lowering, platform="cpu")
 
 
 def _bind(rank, group, xs, **params):
-    return allreduce_p.bind(rank, group, *xs, **{**params, "call_id": next(_call_ids)})
+    return allreduce_p.bind(rank, group, *xs, **params)
 
 
 def _jvp(primals, tangents, **params):
@@ -250,6 +254,14 @@ def allreduce(
     if not mesh_axes:
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
+    automatic = compat.automatic_axes()
+    if automatic:
+        raise NotImplementedError(
+            f"{api}: mesh axes {list(automatic)} are not manual here (a shard_map with "
+            "axis_names= leaves them automatic), so several devices would share one rank. "
+            "jax_ddl needs every mesh axis of size > 1 manual: add them to axis_names, or "
+            "use jax.lax for this reduction."
+        )
     sizes = compat.mesh_axis_sizes()
     size = math.prod(sizes[a] for a in mesh_axes)
     dims = _topology.resolve(topology, size, api, mesh_axes)

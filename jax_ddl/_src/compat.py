@@ -52,6 +52,15 @@ def manual_axes() -> tuple:
     return tuple(mesh.manual_axes)
 
 
+def automatic_axes() -> tuple:
+    """Mesh axes of size > 1 in scope that are not manual (a partially manual shard_map)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    manual = set(mesh.manual_axes)
+    return tuple(a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1)
+
+
 def mesh_axis_sizes() -> dict:
     mesh = jax.sharding.get_abstract_mesh()
     return {} if mesh.empty else dict(mesh.shape)
