@@ -7,6 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+# jax 0.11.x crashes (SIGSEGV in Shardy's ManualComputationUnusedInputsPattern while
+# compiling) on a shard_map whose pytree input mixes zero-size and other leaves; the same
+# program with jax.lax.psum alone crashes too. jax 0.10 and 0.12 compile it. Tests leave
+# zero-size leaves out of multi-leaf trees on 0.11 only.
+ZERO_SIZE_LEAVES_OK = jax.__version_info__[:2] != (0, 11)
+
 
 def mesh_of(shape, names):
     n = int(np.prod(shape))
