@@ -252,3 +252,42 @@ def test_counters_report_calls_bytes_and_stage_times(monkeypatch):
     assert c["calls"] == 8 and c["bytes"] == 8 * 1024 * 4 and c["errors"] == 0
     assert c["small_calls"] == 0
     assert c["reduce_scatter_s"] > 0 and c["broadcast_s"] > 0
+
+
+@pytest.mark.parametrize("axes,topology", [(("a", "b"), "4x2"), (("b", "a"), "2x4"), ("b", "2x2")])
+def test_multi_axis_mesh_with_topology(axes, topology):
+    mesh = mesh_of((2, 4), ("a", "b"))
+    x = int_valued((8, 2, 7), jnp.float32)
+    spec = P(("a", "b"))
+    ours = spmd(lambda v: jax_ddl.psum(v, axes, topology=topology), mesh, spec, spec, False)
+    ref = spmd(lambda v: lax.psum(v, axes), mesh, spec, spec, False)
+    np.testing.assert_array_equal(ours(x), ref(x))
+
+
+def test_concurrent_executions_from_several_threads():
+    """Executions dispatched from several Python threads at once (of one program and of
+    different programs, small and large messages) are told apart by their run ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mesh = mesh_of((8,), ("i",))
+    shared = jax.jit(
+        jax.shard_map(
+            lambda v, k: jax_ddl.psum(v * k, "i", topology="2x4"),
+            mesh=mesh,
+            in_specs=(P("i"), P()),
+            out_specs=P(),
+        )
+    )
+    other = spmd(lambda v: jax_ddl.psum(v, "i"), mesh, P("i"), P())
+    xs = [int_valued((8, n), jnp.float32, seed=n) for n in (100, 30000)]
+
+    def work(k):
+        for i in range(20):
+            x = xs[i % 2]
+            expected = np.asarray(x).sum(0)
+            np.testing.assert_array_equal(np.asarray(shared(x, jnp.float32(k)))[0], k * expected)
+            np.testing.assert_array_equal(np.asarray(other(x))[0], expected)
+        return k
+
+    with ThreadPoolExecutor(3) as pool:
+        assert sorted(pool.map(work, (1, 2, 3))) == [1, 2, 3]
