@@ -59,6 +59,12 @@ def test_bad_timeout_setting(monkeypatch):
         _run(lambda v: jax_ddl.psum(v, "i"))
 
 
+def test_bad_small_bytes_setting(monkeypatch):
+    monkeypatch.setenv("JAX_DDL_SMALL_BYTES", "16k")
+    with pytest.raises(ValueError, match="JAX_DDL_SMALL_BYTES must be an integer byte count"):
+        _run(lambda v: jax_ddl.psum(v, "i"))
+
+
 def test_positional_axis_rejected():
     with pytest.raises(ValueError, match="positional axis 0"):
         _run(lambda v: jax_ddl.psum(v, ("i", 0)))
