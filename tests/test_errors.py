@@ -79,7 +79,7 @@ def test_bad_op():
 
 @pytest.mark.parametrize("size", [16, 100_000], ids=["small-path", "large-path"])
 def test_missing_rank_times_out_naming_it(size, monkeypatch):
-    monkeypatch.setenv("JAX_DDL_TIMEOUT", "1")
+    monkeypatch.setenv("JAX_DDL_TIMEOUT", "3")  # a loaded machine must not make a live rank miss it
     _ddl.set_fault("skip", 3)
     jax_ddl.reset_counters()
     start = time.monotonic()
