@@ -128,3 +128,12 @@ def test_partially_manual_shard_map_is_rejected_at_trace_time():
     )
     with pytest.raises(NotImplementedError, match=r"mesh axes \['a'\] are not manual"):
         f(jnp.ones((8, 3)))
+
+
+def test_platform_without_handler_is_a_clear_error():
+    mesh = mesh_of((8,), ("i",))
+    f = jax.jit(
+        jax.shard_map(lambda v: jax_ddl.psum(v, "i"), mesh=mesh, in_specs=P("i"), out_specs=P())
+    )
+    with pytest.raises(NotImplementedError, match="handler for the CPU platform only"):
+        f.trace(jnp.ones((8, 4))).lower(lowering_platforms=("cuda",))
