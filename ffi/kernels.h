@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define JAX_DDL_HAVE_F16C_PATH 1
+#endif
 
 namespace jax_ddl {
 
@@ -39,31 +43,33 @@ inline bf16_t ToBf16(float f) {
   return bf16_t{static_cast<uint16_t>(u >> 16)};
 }
 
+// float16 <-> float32 without branches (selects only), so the compiler vectorises the
+// reduction loops. Every intermediate float is normal, so the results stay exact when
+// the thread flushes denormals (XLA's threads may).
 inline float ToFloat(f16_t x) {
   const uint32_t h = x.bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {
-    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
-    return sign ? -v : v;
-  }
-  if (exp == 31) return BitsFloat(sign | 0x7f800000u | (mant << 13));
-  return BitsFloat(sign | ((exp + 112) << 23) | (mant << 13));
+  const uint32_t em = (h & 0x7fffu) << 13;  // exponent and mantissa in float position
+  const uint32_t exp = em & 0x0f800000u;
+  const uint32_t normal = em + (112u << 23);           // rebias 15 -> 127
+  const uint32_t special = em + (224u << 23);          // inf / nan: exponent 255
+  // Subnormal: 1.m x 2^-14 minus 2^-14, computed in normal floats.
+  const uint32_t sub = FloatBits(BitsFloat(em + (113u << 23)) - BitsFloat(113u << 23));
+  const uint32_t bits = exp == 0x0f800000u ? special : (exp == 0 ? sub : normal);
+  return BitsFloat(bits | ((h & 0x8000u) << 16));
 }
 
-// Round to nearest even, overflow to infinity, subnormals kept.
+// Round to nearest even, overflow to infinity, subnormals kept, NaN stays NaN.
 inline f16_t ToF16(float f) {
-  uint32_t x = FloatBits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return f16_t{static_cast<uint16_t>(sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00))};
-  if (x >= 0x477ff000u) return f16_t{static_cast<uint16_t>(sign | 0x7c00)};  // >= 65520
-  if (x < 0x38800000u) {  // below 2^-14: a half subnormal (exact scaling, then RNE)
-    return f16_t{static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(BitsFloat(x) * 16777216.0f)))};
-  }
-  x += 0xc8000fffu + ((x >> 13) & 1u);  // rebias exponent by -112, round to nearest even
-  return f16_t{static_cast<uint16_t>(sign | (x >> 13))};
+  const uint32_t bits = FloatBits(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t a = bits & 0x7fffffffu;
+  // Below 2^-14: adding 0.5 (2^-1) lines the half subnormal's bits up at the bottom of
+  // the float's mantissa and rounds them to nearest even in hardware.
+  const uint32_t sub = FloatBits(BitsFloat(a) + BitsFloat(126u << 23)) - (126u << 23);
+  const uint32_t rounded = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias -112, RNE
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;             // nan / inf
+  const uint32_t out = a >= 0x477ff000u ? big : (a < 0x38800000u ? sub : rounded);
+  return f16_t{static_cast<uint16_t>(out | sign)};
 }
 
 // Accumulator type: 16-bit floats accumulate in float32; everything else in itself.
@@ -103,6 +109,63 @@ template <Op kOp, typename A> inline A Combine(A a, A b) {
   }
 }
 
+#ifdef JAX_DDL_HAVE_F16C_PATH
+// Hardware float16 conversions (F16C: 8 values per instruction), used when the CPU has
+// them. Exact like the portable code: vcvtph2ps ignores denormal flushing, and vcvtps2ph
+// rounds to nearest even (NaNs stay NaNs, with their payload).
+__attribute__((target("avx,f16c"))) inline void HalfToFloatF16C(const f16_t* src, float* dst,
+                                                                  int64_t n) {
+  const int64_t full = n - n % 8;
+  for (int64_t i = 0; i < full; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (int64_t i = full; i < n; ++i) dst[i] = ToFloat(src[i]);
+}
+__attribute__((target("avx,f16c"))) inline void FloatToHalfF16C(const float* src, f16_t* dst,
+                                                                  int64_t n) {
+  const int64_t full = n - n % 8;
+  for (int64_t i = 0; i < full; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (int64_t i = full; i < n; ++i) dst[i] = ToF16(src[i]);
+}
+#endif
+
+// Whether float16 blocks use the hardware conversions; on by default where the CPU has
+// them. Tests switch it to cover both paths.
+inline bool& UseF16C() {
+#ifdef JAX_DDL_HAVE_F16C_PATH
+  static bool use = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+#else
+  static bool use = false;
+#endif
+  return use;
+}
+
+// dst[i] = Load<A>(src[i]) for a block.
+template <typename A, typename S>
+inline void LoadBlock(const S* src, A* dst, int64_t n) {
+#ifdef JAX_DDL_HAVE_F16C_PATH
+  if constexpr (std::is_same_v<S, f16_t> && std::is_same_v<A, float>) {
+    if (UseF16C()) return HalfToFloatF16C(src, dst, n);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = Load<A>(src[i]);
+}
+
+// dst[i] = Store<D>(src[i]) for a block.
+template <typename D, typename A>
+inline void StoreBlock(const A* src, D* dst, int64_t n) {
+#ifdef JAX_DDL_HAVE_F16C_PATH
+  if constexpr (std::is_same_v<D, f16_t> && std::is_same_v<A, float>) {
+    if (UseF16C()) return FloatToHalfF16C(src, dst, n);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = Store<D>(src[i]);
+}
+
 // dsts[k][i] = srcs[0][i] op srcs[1][i] op ... in source order, accumulated in A, for
 // i < n and every destination k. Blocked so the running result stays in L1: memory
 // traffic is one read per source and one write per destination. A destination may alias
@@ -111,22 +174,29 @@ template <Op kOp, typename A, typename S, typename D>
 void ReduceKernel(const char* const* srcs, int64_t num_srcs, char* const* dsts,
                   int64_t num_dsts, int64_t n) {
   constexpr int64_t kBlock = 8192 / sizeof(A);
+  constexpr bool kConvertIn = !std::is_same_v<A, S>;
+  constexpr bool kConvertOut = !std::is_same_v<A, D>;
   alignas(64) A acc[kBlock];
-  alignas(64) D out[std::is_same_v<A, D> ? 1 : kBlock];
+  alignas(64) A in[kConvertIn ? kBlock : 1];
+  alignas(64) D out[kConvertOut ? kBlock : 1];
   for (int64_t base = 0; base < n; base += kBlock) {
     const int64_t m = n - base < kBlock ? n - base : kBlock;
-    const S* s0 = reinterpret_cast<const S*>(srcs[0]) + base;
-    for (int64_t i = 0; i < m; ++i) acc[i] = Load<A>(s0[i]);
+    LoadBlock<A>(reinterpret_cast<const S*>(srcs[0]) + base, acc, m);
     for (int64_t q = 1; q < num_srcs; ++q) {
       const S* s = reinterpret_cast<const S*>(srcs[q]) + base;
-      for (int64_t i = 0; i < m; ++i) acc[i] = Combine<kOp>(acc[i], Load<A>(s[i]));
+      if constexpr (kConvertIn) {
+        LoadBlock<A>(s, in, m);
+        for (int64_t i = 0; i < m; ++i) acc[i] = Combine<kOp>(acc[i], in[i]);
+      } else {
+        for (int64_t i = 0; i < m; ++i) acc[i] = Combine<kOp>(acc[i], s[i]);
+      }
     }
     const D* result;
-    if constexpr (std::is_same_v<A, D>) {
-      result = acc;
-    } else {
-      for (int64_t i = 0; i < m; ++i) out[i] = Store<D>(acc[i]);
+    if constexpr (kConvertOut) {
+      StoreBlock<D>(acc, out, m);
       result = out;
+    } else {
+      result = acc;
     }
     for (int64_t k = 0; k < num_dsts; ++k) {
       std::memcpy(reinterpret_cast<D*>(dsts[k]) + base, result, m * sizeof(D));
