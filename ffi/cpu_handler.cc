@@ -50,12 +50,9 @@ void ForEachPiece(const std::vector<int64_t>& offsets, Range r, Fn&& fn) {
 
 // Everything one call needs, gathered by the handler before dtype dispatch.
 struct Call {
-  int64_t run_id;
   int64_t device;
   int64_t rank;
-  int64_t group;
   Op op;
-  int64_t call_id;
   int64_t small_bytes;
   Clock::time_point deadline;
   Descriptor desc;
@@ -377,12 +374,9 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
     site.occurrence = 0;
   }
   Call c;
-  c.run_id = run_id.run_id;
   c.device = device;
   c.rank = rank;
-  c.group = group;
   c.op = static_cast<Op>(op);
-  c.call_id = call_id;
   c.small_bytes = small_bytes;
   c.deadline = start + std::chrono::milliseconds(timeout_ms);
   c.desc = desc;
