@@ -1,0 +1,1 @@
+"""Flax ResNet data-parallel training with jax_ddl reducing the gradients."""
