@@ -325,12 +325,16 @@ def evaluate(run: Run, eval_step, state) -> dict:
     }
 
 
-def ddl_seconds() -> float:
-    """Seconds all local device threads have spent inside jax_ddl (summed)."""
+def ddl_seconds(part: str = "all") -> float:
+    """Seconds all local device threads have spent inside jax_ddl (summed): "all", or
+    "wait" (waiting for every device to arrive: skew between devices' compute), or "work"
+    (reducing and copying)."""
     import jax_ddl
 
     c = jax_ddl.counters()
-    return c["arrive_s"] + c["reduce_scatter_s"] + c["broadcast_s"] + c["small_s"]
+    wait = c["arrive_s"]
+    work = c["reduce_scatter_s"] + c["broadcast_s"] + c["small_s"]
+    return {"all": wait + work, "wait": wait, "work": work}[part]
 
 
 def open_checkpoints(run: Run, state):
@@ -419,12 +423,15 @@ def train(run: Run) -> dict:
     try:
         for step, (images, labels) in loader:
             batch = training.shard_batch(mesh, images, labels)
-            ddl0 = ddl_seconds()
+            ddl0, wait0 = ddl_seconds(), ddl_seconds("wait")
             state, m = train_step(state, *batch)
             m = jax.device_get(m)
             dt = timer.lap()
             done = step + 1
-            ddl_s = (ddl_seconds() - ddl0) / local_dev if args.allreduce == "ddl" else None
+            ddl_s = wait_s = None
+            if args.allreduce == "ddl":
+                ddl_s = (ddl_seconds() - ddl0) / local_dev
+                wait_s = (ddl_seconds("wait") - wait0) / local_dev
             record = {
                 "kind": "train",
                 "step": done,
@@ -435,6 +442,7 @@ def train(run: Run) -> dict:
                 "images_per_s": args.batch_size / dt,
                 "step_time_s": dt,
                 "allreduce_s": ddl_s,
+                "allreduce_wait_s": wait_s,
             }
             metrics.write(record)
             extra = f" held-out {last_eval:.3f}" if last_eval is not None else ""
@@ -504,7 +512,8 @@ def report(summary: dict, metrics_path, plot_path) -> None:
         if share is not None:
             lines.append(
                 f"  in jax_ddl: {summary['allreduce_s'] * 1e3:.1f} ms a step "
-                f"({share:.1%} of the step)"
+                f"({share:.1%} of the step; {summary['allreduce_wait_s'] * 1e3:.1f} ms of it "
+                f"waiting for the slowest device)"
             )
     if summary.get("eval_accuracy") is not None:
         lines.append(f"  held-out accuracy {summary['eval_accuracy']:.4f}")

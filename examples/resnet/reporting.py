@@ -150,4 +150,5 @@ def summarise(train_records: list, *, global_batch: int, skip: int = 1) -> dict:
     if ddl:
         out["allreduce_s"] = float(np.median(ddl))
         out["allreduce_share"] = out["allreduce_s"] / step_time
+        out["allreduce_wait_s"] = float(np.median([r["allreduce_wait_s"] for r in rows]))
     return out
