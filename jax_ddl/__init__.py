@@ -1,6 +1,14 @@
 """jax_ddl: IBM DDL's topology-aware allreduce for JAX, as an XLA FFI custom call."""
 
-from jax_ddl._src.collectives import counters, pmax, pmean, pmin, psum, reset_counters
+from jax_ddl._src.collectives import (
+    counters,
+    pmax,
+    pmean,
+    pmin,
+    psum,
+    reset_counters,
+    supported_platforms,
+)
 
-__all__ = ["psum", "pmean", "pmax", "pmin", "counters", "reset_counters"]
+__all__ = ["psum", "pmean", "pmax", "pmin", "counters", "reset_counters", "supported_platforms"]
 __version__ = "0.1.0"

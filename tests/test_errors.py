@@ -137,3 +137,4 @@ def test_platform_without_handler_is_a_clear_error():
     )
     with pytest.raises(NotImplementedError, match="handler for the CPU platform only"):
         f.trace(jnp.ones((8, 4))).lower(lowering_platforms=("cuda",))
+    assert jax_ddl.supported_platforms() == ("cpu",)

@@ -19,6 +19,7 @@ import time
 # Nothing that initialises a JAX backend may run before `setup_devices`.
 import jax
 
+import jax_ddl
 from resnet import input_pipeline as data
 from resnet import models, reporting
 from resnet import train as training
@@ -215,6 +216,13 @@ def plan(args) -> Run:
             f"--batch-size {args.batch_size} does not divide over {n_dev} devices; use a "
             f"multiple of {n_dev} (e.g. {lo} or {lo + n_dev})"
         )
+    platform = devices[0].platform
+    if args.allreduce == "ddl" and platform not in jax_ddl.supported_platforms():
+        raise UsageError(
+            f"jax_ddl has no allreduce handler for {platform} devices yet (it has: "
+            f"{', '.join(jax_ddl.supported_platforms())}); use --allreduce lax, or run on "
+            f"host devices with JAX_PLATFORMS=cpu"
+        )
     train_src, eval_src = load_data(args)
     if not args.synthetic and args.batch_size > len(train_src):
         raise UsageError(
@@ -329,8 +337,6 @@ def ddl_seconds(part: str = "all") -> float:
     """Seconds all local device threads have spent inside jax_ddl (summed): "all", or
     "wait" (waiting for every device to arrive: skew between devices' compute), or "work"
     (reducing and copying)."""
-    import jax_ddl
-
     c = jax_ddl.counters()
     wait = c["arrive_s"]
     work = c["reduce_scatter_s"] + c["broadcast_s"] + c["small_s"]

@@ -351,6 +351,11 @@ def pmin(x, axis_name, *, topology=None):
     return allreduce(x, axis_name, op="min", topology=topology, api="jax_ddl.pmin")
 
 
+def supported_platforms() -> tuple:
+    """Platforms ("cpu", ...) for which jax_ddl has an allreduce handler."""
+    return tuple(sorted(_ddl.registrations()))
+
+
 def counters() -> dict:
     """Process-wide counters of the engine.
 
