@@ -390,23 +390,26 @@ def test_default_data_trains_and_writes_metrics_and_plot(tmp_path):
     assert "in jax_ddl:" in r.stdout and "held-out accuracy" in r.stdout
 
 
-def test_folder_data_trains(tmp_path):
-    root = make_folder(tmp_path / "data", per_class=8)
-    r = run_cli(
+def folder_run(root, out, batch):
+    """Two steps of the tiny model on folder data at 16x16."""
+    return [
         *TINY,
         "--data-dir",
         str(root),
         "--image-size",
         "16",
         "--batch-size",
-        "8",
+        str(batch),
         "--steps",
         "2",
-        "--workers",
-        "2",
         "--out-dir",
-        str(tmp_path / "out"),
-    )
+        str(out),
+    ]
+
+
+def test_folder_data_trains(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=8)
+    r = run_cli(*folder_run(root, tmp_path / "out", batch=8), "--workers", "2")
     assert r.returncode == 0, r.stderr
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [x["step"] for x in records if x["kind"] == "train"] == [1, 2]
@@ -418,19 +421,7 @@ def test_unreadable_image_is_named(tmp_path):
     root = make_folder(tmp_path / "data", per_class=8)
     bad = root / "train" / "dog" / "broken.jpg"
     bad.write_bytes(b"not a jpeg at all")
-    r = run_cli(
-        *TINY,
-        "--data-dir",
-        str(root),
-        "--image-size",
-        "16",
-        "--batch-size",
-        "24",
-        "--steps",
-        "2",
-        "--out-dir",
-        str(tmp_path / "out"),
-    )
+    r = run_cli(*folder_run(root, tmp_path / "out", batch=24))
     assert r.returncode == 2
     assert f"cannot read image {bad}" in r.stderr
 

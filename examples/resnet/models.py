@@ -18,13 +18,17 @@ ModuleDef = Any
 STEMS = ("imagenet", "small")
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34)."""
+class Block(nn.Module):
+    """A residual block's configuration: filters, convolution and norm factories, stride."""
 
     filters: int
     conv: ModuleDef
     norm: ModuleDef
     strides: tuple = (1, 1)
+
+
+class BasicBlock(Block):
+    """Two 3x3 convolutions (ResNet-18/34)."""
 
     @nn.compact
     def __call__(self, x):
@@ -40,13 +44,8 @@ class BasicBlock(nn.Module):
         return nn.relu(residual + y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(Block):
     """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion (ResNet-50/101/152)."""
-
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: tuple = (1, 1)
 
     @nn.compact
     def __call__(self, x):

@@ -105,7 +105,7 @@ def plot(records: list, path) -> None:
     ax_loss.set(xlabel="step", ylabel="training loss", title="Loss")
     ax_loss.set_yscale("log")
     ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
