@@ -20,6 +20,7 @@ import time
 import jax
 
 import jax_ddl
+import jax_ddl.distributed
 from resnet import input_pipeline as data
 from resnet import models, reporting
 from resnet import train as training
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="jax_ddl grid, e.g. 4x2 (default: JAX_DDL_TOPOLOGY or automatic)",
     )
     g.add_argument(
+        "--distributed",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="join a multi-process run (one process per MPI rank, jax_ddl.distributed); "
+        "auto: when started by mpiexec",
+    )
+    g.add_argument(
         "--host-devices", type=int, default=8, help="CPU devices when there is no accelerator"
     )
 
@@ -168,9 +176,14 @@ class Run:
     checkpoint_every: int
 
 
-def setup_devices(host_devices: int) -> None:
+def setup_devices(host_devices: int, distributed: str = "off") -> None:
+    """Host CPU devices per process; joins a multi-process run when asked (or, with
+    "auto", when started by mpiexec)."""
     if host_devices < 1:
         raise UsageError(f"--host-devices must be >= 1; got {host_devices}")
+    if distributed == "on" or (distributed == "auto" and jax_ddl.distributed.launched_by_mpiexec()):
+        jax_ddl.distributed.initialize(local_devices=host_devices)
+        return
     try:
         jax.config.update("jax_num_cpu_devices", host_devices)
     except RuntimeError:
@@ -399,9 +412,14 @@ def train(run: Run) -> dict:
     )
 
     out = pathlib.Path(args.out_dir)
-    metrics = reporting.MetricsLog(args.metrics_out or out / "metrics.jsonl", append=args.resume)
+    main_process = jax.process_index() == 0
+    metrics = reporting.MetricsLog(
+        args.metrics_out or out / "metrics.jsonl", append=args.resume, enabled=main_process
+    )
     plot_path = args.plot_out or out / "training.png"
-    progress = reporting.Progress(start, end, enabled=args.progress, log_every=args.log_every)
+    progress = reporting.Progress(
+        start, end, enabled=args.progress, log_every=args.log_every, silent=not main_process
+    )
     progress.log(
         f"{args.model} ({training.param_count(state.params) / 1e6:.1f} M parameters, "
         f"{run.meta['stem']} stem) on {run.train_source.name} "
@@ -461,7 +479,8 @@ def train(run: Run) -> dict:
                     f"step {done}: held-out accuracy {ev['accuracy']:.4f} "
                     f"(loss {ev['loss']:.4f}, {ev['count']} images)"
                 )
-                reporting.plot(metrics.records, plot_path)
+                if main_process:
+                    reporting.plot(metrics.records, plot_path)
                 timer.reset()
             if ckpts and (
                 done == end or (run.checkpoint_every and done % run.checkpoint_every == 0)
@@ -499,8 +518,9 @@ def train(run: Run) -> dict:
     }
     metrics.write(summary)
     metrics.close()
-    reporting.plot(metrics.records, plot_path)
-    report(summary, metrics.path, plot_path)
+    if main_process:
+        reporting.plot(metrics.records, plot_path)
+        report(summary, metrics.path, plot_path)
     return summary
 
 
@@ -530,10 +550,13 @@ def report(summary: dict, metrics_path, plot_path) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        setup_devices(args.host_devices)
+        setup_devices(args.host_devices, args.distributed)
         run = plan(args)
         train(run)
     except USER_ERRORS as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:  # a setting jax_ddl does not support (yet), named
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0

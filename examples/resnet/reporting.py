@@ -12,12 +12,16 @@ import numpy as np
 
 
 class MetricsLog:
-    """Appends one JSON object per line; `records` keeps them for the plot and summary."""
+    """Appends one JSON object per line; `records` keeps them for the plot and summary.
+    With `enabled=False` (processes other than the first) it only keeps the records."""
 
-    def __init__(self, path, *, append: bool = False):
+    def __init__(self, path, *, append: bool = False, enabled: bool = True):
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list = []
+        self._file = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if append and self.path.exists():
             with open(self.path) as f:
                 self.records = [json.loads(line) for line in f if line.strip()]
@@ -25,20 +29,32 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class Progress:
     """A tqdm bar with loss, learning rate and images/s on a terminal; otherwise a plain
     line every `log_every` steps (and at evaluations), so logs stay readable."""
 
-    def __init__(self, start: int, total: int, *, enabled=None, log_every: int = 10, stream=None):
+    def __init__(
+        self,
+        start: int,
+        total: int,
+        *,
+        enabled=None,
+        log_every: int = 10,
+        stream=None,
+        silent: bool = False,
+    ):
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.silent = silent  # processes other than the first say nothing
+        self.enabled = (self.stream.isatty() if enabled is None else enabled) and not silent
         self.log_every = max(1, log_every)
         self.total = total
         self._bar = None
@@ -55,13 +71,15 @@ class Progress:
             self._bar.set_postfix_str(
                 f"loss {loss:.4f} lr {lr:.4g} {images_per_s:,.0f} img/s{extra}", refresh=False
             )
-        elif step % self.log_every == 0 or step == self.total:
+        elif not self.silent and (step % self.log_every == 0 or step == self.total):
             self.log(
                 f"step {step}/{self.total} loss {loss:.4f} lr {lr:.4g} "
                 f"{images_per_s:,.1f} img/s{extra}"
             )
 
     def log(self, message: str) -> None:
+        if self.silent:
+            return
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:

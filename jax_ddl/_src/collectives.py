@@ -219,6 +219,19 @@ def _check_dtype(x, api: str, path) -> np.dtype:
     return dtype
 
 
+def _check_within_process(size: int, api: str, axes: tuple) -> None:
+    """Refuses, at trace time, a reduction that must span processes: the engine has no
+    process-level transport yet, and its ranks in other processes would never arrive."""
+    local = jax.local_device_count()
+    if jax.process_count() > 1 and size > local:
+        raise NotImplementedError(
+            f"{api}: axes {list(axes)} span {size} devices but this process has {local}: "
+            f"the reduction crosses processes, and jax_ddl's process-level (MPI) transport "
+            f"is not available yet. Reduce over this process's devices with jax_ddl and "
+            f"across processes with jax.lax, or use jax.lax.psum for now."
+        )
+
+
 def allreduce(
     x,
     axis_name,
@@ -264,6 +277,7 @@ def allreduce(
         )
     sizes = compat.mesh_axis_sizes()
     size = math.prod(sizes[a] for a in mesh_axes)
+    _check_within_process(size, api, mesh_axes)
     dims = _topology.resolve(topology, size, api, mesh_axes)
     vma = compat.check_vma_enabled()
 

@@ -1,0 +1,120 @@
+"""Multi-process start-up under mpiexec: MPI first, then jax.distributed from MPI's ranks.
+
+One MPI rank per process. MPI is initialised with MPI_THREAD_MULTIPLE (jax_ddl's device
+threads will talk MPI concurrently, one sub-communicator per local device slot), and rank 0
+publishes the address of jax's coordination service to the others over MPI, so a program
+needs no hand-written host:port to start.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import jax
+
+# Variables that mpiexec (MPICH's hydra, Open MPI, Slurm's PMI) sets in every process.
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+_layout = None
+
+
+def launched_by_mpiexec() -> bool:
+    """True when this process was started by an MPI launcher with more than one rank."""
+    for name in _LAUNCHER_SIZE_VARS:
+        raw = os.environ.get(name)
+        if raw and raw.isdigit() and int(raw) > 1:
+            return True
+    return False
+
+
+def _mpi():
+    try:
+        import mpi4py
+
+        mpi4py.rc.thread_level = "multiple"
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError(
+            "jax_ddl.distributed needs mpi4py and an MPI library; install them with "
+            "pip install 'jax_ddl[mpi]' (mpi4py and MPICH from PyPI)"
+        ) from e
+    return MPI
+
+
+def initialize(
+    *, local_devices: int | None = None, coordinator_port: int | None = None, timeout_s: int = 300
+) -> dict:
+    """Joins this process to a multi-process JAX program launched with mpiexec.
+
+    Call it first, before anything touches a JAX device. It initialises MPI (thread level
+    MULTIPLE), selects XLA's gloo collectives for CPU (so jax.lax collectives work across
+    processes too), and calls jax.distributed.initialize with MPI's rank and size; rank 0
+    hosts the coordination service on a free port and tells the others over MPI.
+
+    Args:
+      local_devices: CPU devices per process (sets jax_num_cpu_devices); None keeps the
+        platform's (one per process on CPU unless set elsewhere).
+      coordinator_port: the port for jax's coordination service on rank 0; None picks a
+        free one.
+      timeout_s: how long processes wait for each other to join.
+
+    Returns:
+      dict with `process_index`, `process_count`, `hosts` (number of distinct hosts),
+      `processes_per_host`.
+
+    Raises:
+      ImportError: mpi4py is missing (install the `mpi` extra).
+      RuntimeError: MPI could not give MPI_THREAD_MULTIPLE, or processes are spread
+        unevenly over hosts.
+    """
+    global _layout
+    MPI = _mpi()
+    provided = MPI.Query_thread()
+    if provided != MPI.THREAD_MULTIPLE:
+        raise RuntimeError(
+            f"jax_ddl needs MPI_THREAD_MULTIPLE; the MPI library gave thread level {provided}. "
+            "Import jax_ddl.distributed before mpi4py.MPI, or build MPI with thread support."
+        )
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    distinct = sorted(set(hosts), key=hosts.index)
+    per_host = {h: hosts.count(h) for h in distinct}
+    if len(set(per_host.values())) != 1:
+        raise RuntimeError(
+            f"processes are spread unevenly over hosts ({per_host}); launch the same number "
+            "of processes on every host"
+        )
+    if local_devices is not None:
+        if local_devices < 1:
+            raise ValueError(f"local_devices must be >= 1; got {local_devices}")
+        jax.config.update("jax_num_cpu_devices", local_devices)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    address = None
+    if rank == 0:
+        host = "127.0.0.1" if len(distinct) == 1 else socket.gethostname()
+        port = coordinator_port or _free_port()
+        address = f"{host}:{port}"
+    address = comm.bcast(address, root=0)
+    jax.distributed.initialize(
+        address, num_processes=size, process_id=rank, initialization_timeout=timeout_s
+    )
+    _layout = {
+        "process_index": rank,
+        "process_count": size,
+        "hosts": len(distinct),
+        "processes_per_host": size // len(distinct),
+    }
+    return dict(_layout)
+
+
+def layout() -> dict | None:
+    """What `initialize` found (None in a single-process program)."""
+    return None if _layout is None else dict(_layout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
