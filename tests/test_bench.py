@@ -53,7 +53,7 @@ def test_small_run_counts_no_wrong_elements(dtype, op, tmp_path, monkeypatch):
 def test_wrong_results_are_counted(monkeypatch):
     """A broken reduction must show up in #wrong: compare against a wrong oracle."""
     args = bench.parse_args(["-b", "64", "-e", "64", "-n", "1", "-w", "0", "--modes", "oop"])
-    monkeypatch.setattr(bench.Harness, "expected", lambda self, count, op: np.zeros(count))
+    monkeypatch.setattr(bench.Harness, "expected", lambda self, impl, count, op: np.zeros(count))
     result, wrong = bench.run(args, out=io.StringIO())
     assert wrong == 2 * 8 * 16  # every element of both implementations on all 8 ranks
 

@@ -122,3 +122,36 @@ def test_training_with_ddl_across_processes_is_refused_clearly(tmp_path):
     assert r.returncode != 0
     assert "the reduction crosses processes" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_benchmark_under_mpiexec_measures_gloo_and_raw_mpi(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_mpi(
+        2,
+        "-m",
+        "jax_ddl.bench",
+        "--devices",
+        "2",
+        "-b",
+        "1K",
+        "-e",
+        "8K",
+        "-f",
+        "8",
+        "-n",
+        "2",
+        "-w",
+        "0",
+        "--json",
+        out,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["processes"] == 2 and result["settings"]["devices"] == 4
+    rows = result["rows"]
+    assert {x["impl"] for x in rows} == {"lax.psum", "mpi"}
+    assert [x["size"] for x in rows if x["impl"] == "mpi"] == [1024, 8192]
+    for x in rows:  # every result checked against the known sum, on every process
+        assert x["oop"]["wrong"] == 0 and x["ip"]["wrong"] == 0
+    assert all("x_lax" in x["ip"] for x in rows if x["impl"] == "mpi")
+    assert r.stdout.count("# jax_ddl allreduce benchmark") == 1  # only the first process

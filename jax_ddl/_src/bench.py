@@ -19,6 +19,7 @@ import time
 
 SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 DTYPES = ["float32", "float64", "bfloat16", "float16", "int32", "int64"]
+MPI_DTYPES = ["float32", "float64", "int32", "int64"]
 OPS = ["sum", "max", "min"]
 
 
@@ -72,7 +73,8 @@ def parse_args(argv=None):
         "--devices",
         type=int,
         default=8,
-        help="host CPU devices to create when XLA_FLAGS does not set them (default 8)",
+        help="host CPU devices to create when XLA_FLAGS does not set them (default 8; under "
+        "mpiexec: per process)",
     )
     p.add_argument(
         "--topology", default=None, help='jax_ddl topology, e.g. "2x4" (default: derived)'
@@ -115,10 +117,19 @@ class Harness:
         self.args = args
         self.devices = jax.devices()
         self.n = len(self.devices)
+        self.procs = jax.process_count()
         self.mesh = Mesh(np.array(self.devices), ("i",))
+        # This process's rows of the (n, count) input: its devices' positions in the mesh.
+        me = jax.process_index()
+        self.rows = [i for i, d in enumerate(self.devices) if d.process_index == me]
+        if self.rows != list(range(self.rows[0], self.rows[0] + len(self.rows))):
+            raise RuntimeError("jax.devices() interleaves processes; expected process-major")
 
     def function(self, impl: str, mode: str, dtype, op: str):
         import jax
+
+        if impl == "mpi":
+            return self.mpi_function(mode, op)
         from jax import lax
         from jax.sharding import PartitionSpec as P
 
@@ -144,27 +155,56 @@ class Harness:
         fn = jax.shard_map(body, mesh=self.mesh, in_specs=P("i"), out_specs=P("i"), check_vma=False)
         return jax.jit(fn, donate_argnums=(0,) if mode == "ip" else ())
 
-    def inputs(self, count: int, dtype, pattern: bool):
-        """(n, count) array sharded one row per device; rank r, element e holds
-        (r + 1) * (e % 7 + 1) when `pattern`, else zeros (timing: no denormals, no overflow)."""
+    def mpi_function(self, mode: str, op: str):
+        """MPI_Allreduce (mpi4py) of one buffer per process, in place or into a new one."""
+        from mpi4py import MPI
+
+        comm, mpi_op = MPI.COMM_WORLD, {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+
+        def fn(buf):
+            if mode == "ip":
+                comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+                return buf
+            out = self.np.empty_like(buf)
+            comm.Allreduce(buf, out, op=mpi_op)
+            return out
+
+        return fn
+
+    def inputs(self, impl: str, count: int, dtype, pattern: bool):
+        """(n, count) array sharded one row per device (for "mpi": this process's one row);
+        rank r, element e holds (r + 1) * (e % 7 + 1) when `pattern`, else zeros (timing:
+        no denormals, no overflow)."""
         import jax.numpy as jnp
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         np = self.np
+        rows = [self.jax.process_index()] if impl == "mpi" else self.rows
         if pattern:
-            host = np.arange(1, self.n + 1)[:, None] * (np.arange(count) % 7 + 1)[None, :]
+            host = (np.asarray(rows) + 1)[:, None] * (np.arange(count) % 7 + 1)[None, :]
         else:
-            host = np.zeros((self.n, count))
-        arr = jnp.asarray(host.astype(np.float64)).astype(dtype)
-        return self.jax.device_put(arr, NamedSharding(self.mesh, P("i")))
+            host = np.zeros((len(rows), count))
+        if impl == "mpi":
+            return np.ascontiguousarray(host[0].astype(dtype))
+        local = np.asarray(jnp.asarray(host.astype(np.float64)).astype(dtype))
+        sharding = NamedSharding(self.mesh, P("i"))
+        return self.jax.make_array_from_process_local_data(sharding, local, (self.n, count))
 
-    def expected(self, count: int, op: str):
+    def local_rows(self, y):
+        """This process's rows of a result, as float64 (n_local, count)."""
         np = self.np
+        if isinstance(y, np.ndarray):
+            return y.astype(np.float64)[None, :]
+        return np.stack([np.asarray(s.data, np.float64)[0] for s in y.addressable_shards])
+
+    def expected(self, impl: str, count: int, op: str):
+        np = self.np
+        n = self.procs if impl == "mpi" else self.n
         base = (np.arange(count) % 7 + 1).astype(np.float64)
         if op == "sum":
-            return base * (self.n * (self.n + 1) / 2)
-        return base * (self.n if op == "max" else 1)
+            return base * (n * (n + 1) / 2)
+        return base * (n if op == "max" else 1)
 
 
 def measure_bandwidth():
@@ -184,9 +224,16 @@ def run(args, out=sys.stdout):
     dtype = jnp.dtype(args.datatype)
     elem = dtype.itemsize
     bw_start, threads = measure_bandwidth()
+    if jax.process_index() != 0:  # every process measures; the first one reports
+        out = open(os.devnull, "w")
     impls = ["jax_ddl", "lax.psum"]
+    if h.procs > 1:
+        # The engine has no process-level transport yet: across processes the benchmark
+        # measures the baselines it must beat, XLA's gloo and a raw MPI_Allreduce.
+        impls = ["lax.psum"] + (["mpi"] if args.datatype in MPI_DTYPES else [])
     header = {
         "devices": h.n,
+        "processes": h.procs,
         "platform": h.devices[0].platform,
         "dtype": args.datatype,
         "op": args.op,
@@ -207,7 +254,7 @@ def run(args, out=sys.stdout):
         file=out,
     )
     print(
-        "# bound% = (2 * n * size / bandwidth) / time; x lax = lax.psum time / jax_ddl time",
+        "# bound% = (2 * n * size / bandwidth) / time; x lax = lax.psum time / this row's time",
         file=out,
     )
     cols = "".join(
@@ -222,7 +269,6 @@ def run(args, out=sys.stdout):
     print(f"# {'(B/device)':>11} {'':>11} {'':>8} {'':>5} {'':>8}{units}", file=out)
 
     rows = []
-    bus = 2 * (h.n - 1) / h.n
     for size in sizes(args.minbytes, args.maxbytes, args.stepfactor):
         count = max(1, size // elem)
         nbytes = count * elem
@@ -230,10 +276,11 @@ def run(args, out=sys.stdout):
         for impl in impls:
             for mode in args.modes:
                 fn = h.function(impl, mode, dtype, args.op)
-                got = np.asarray(fn(h.inputs(count, dtype, pattern=True)), np.float64)
-                wrong[impl, mode] = int((got != h.expected(count, args.op)[None, :]).sum())
+                got = h.local_rows(fn(h.inputs(impl, count, dtype, pattern=True)))
+                want = h.expected(impl, count, args.op)[None, :]
+                wrong[impl, mode] = int((got != want).sum())
                 fns[impl, mode] = fn
-                state[impl, mode] = h.inputs(count, dtype, pattern=False)
+                state[impl, mode] = h.inputs(impl, count, dtype, pattern=False)
                 for _ in range(args.warmup):
                     y = fn(state[impl, mode])
                     jax.block_until_ready(y)
@@ -250,9 +297,11 @@ def run(args, out=sys.stdout):
                     state[key] = y
                 del y
         del state
-        bound_s = 2 * h.n * nbytes / bw_start
         med = {k: float(np.median(v)) for k, v in times.items()}
         for impl in impls:
+            ranks = h.procs if impl == "mpi" else h.n  # mpi: one buffer per process
+            bus = 2 * (ranks - 1) / ranks
+            bound_s = 2 * ranks * nbytes / bw_start
             row = {
                 "size": nbytes,
                 "count": count,
@@ -276,9 +325,9 @@ def run(args, out=sys.stdout):
                     f" | {mode:>3} {t * 1e6:>10.1f} {algbw:>7.2f} {algbw * bus:>7.2f} "
                     f"{wrong[impl, mode]:>6} {100 * bound_s / t:>6.1f}"
                 )
-            if impl == "jax_ddl":
+            if impl != "lax.psum":
                 for mode in args.modes:
-                    ratio = med["lax.psum", mode] / med["jax_ddl", mode]
+                    ratio = med["lax.psum", mode] / med[impl, mode]
                     row[mode]["x_lax"] = ratio
                     text += f" {ratio:>9.2f}"
             rows.append(row)
@@ -304,13 +353,18 @@ def run(args, out=sys.stdout):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
-        )
     if args.datatype in ("float64", "int64"):
         os.environ.setdefault("JAX_ENABLE_X64", "1")
+    from jax_ddl._src import distributed
+
+    if distributed.launched_by_mpiexec():  # one process per MPI rank, --devices each
+        distributed.initialize(local_devices=args.devices)
+    else:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = (
+                f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+            )
     result, wrong = run(args)
     if args.json:
         with open(args.json, "w") as f:
