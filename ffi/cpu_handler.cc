@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "mpi_transport.h"
 #include "rendezvous.h"
 #include "topology.h"
 
@@ -17,6 +18,10 @@ namespace ffi = xla::ffi;
 
 namespace jax_ddl {
 namespace {
+
+std::vector<int64_t> dims_vec(ffi::Span<const int64_t> dims) {
+  return std::vector<int64_t>(dims.begin(), dims.end());
+}
 
 uint64_t Nanos(Clock::time_point a, Clock::time_point b) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count());
@@ -229,8 +234,116 @@ ffi::Error RunLarge(const Call& c) {
   return ffi::Error::Success();
 }
 
+const char* DtypeName(ffi::DataType t);
+
+std::string DescribeHeader(const ProcessHeader& h) {
+  static const char* kOps[] = {"sum", "max", "min"};
+  return "call " + std::to_string(h.call_id) + " (" + std::to_string(h.count) + " elements of " +
+         DtypeName(static_cast<ffi::DataType>(h.dtype)) + ", " +
+         (h.op >= 0 && h.op <= 2 ? kOps[h.op] : "op ?") + ")";
+}
+
+template <typename A>
+void ReduceAccum(int op, const char* const* srcs, int64_t n_src, char* dst, int64_t n) {
+  char* dsts[1] = {dst};
+  ReduceDispatch<A, A, A>(static_cast<Op>(op), srcs, n_src, dsts, 1, n);
+}
+
+// Across processes (DDL's hierarchy): reduce-scatter over the local dimensions in shared
+// memory, the owner of each local slice packing it into `proc_buf`; allreduce that slice
+// with the same slot of every other process over MPI (one communicator per slot, so all
+// slots run at once); then the owner writes it into every local output. Reduction order
+// is fixed by the two plans, so every device of every process gets the same bits.
 template <typename T>
-ffi::Error RunTyped(const Call& c) {
+ffi::Error RunCross(const Call& c, int64_t local_rank, int64_t call_id) {
+  using A = typename AccumOf<T>::type;
+  constexpr bool kSameAcc = std::is_same_v<A, T>;
+  SiteState& site = *c.site;
+  const Plan& plan = site.local_plan;
+  const int64_t count = c.desc.count;
+  const int64_t ranks = plan.num_ranks();
+  const auto& offsets = *c.offsets;
+  const int stages = plan.num_stages();
+  const bool scratch = !kSameAcc && stages > 1;
+  if (scratch) site.inter.resize(count * sizeof(A));
+  Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(),
+            scratch ? site.inter.data() : nullptr, nullptr};
+
+  const auto t0 = Clock::now();
+  Rendezvous* r = Registry::Get().Join(c.key, ranks, *c.context);
+  Failure error;
+  if (!r->Arrive(local_rank, me, c.deadline, &error)) {
+    Registry::Get().Leave(r);
+    return FailRendezvous(error);
+  }
+  const auto t1 = Clock::now();
+  auto input_view = [&](int64_t q) { return View{r->member(q).inputs, nullptr, sizeof(T)}; };
+  auto output_view = [&](int64_t q) { return View{r->member(q).outputs, nullptr, sizeof(T)}; };
+  auto inter_view = [&](int64_t q) {
+    return scratch ? View{nullptr, r->member(q).inter, sizeof(A)} : output_view(q);
+  };
+  const Range mine = plan.Region(local_rank, stages, count);
+  site.proc_buf.resize(std::max<int64_t>(1, mine.size()) * sizeof(A));
+  A* buf = reinterpret_cast<A*>(site.proc_buf.data());
+
+  bool ok = true;
+  for (int s = 0; s < stages && ok; ++s) {
+    const int64_t group_size = plan.dim(s);
+    const bool last = s == stages - 1;
+    const bool src_acc = s > 0 && scratch;
+    ForEachPiece(offsets, plan.Region(local_rank, s + 1, count),
+                 [&](int64_t seg, int64_t begin, int64_t len) {
+      for (int64_t g = 0; g < group_size; ++g) {
+        const int64_t q = plan.Peer(local_rank, s, g);
+        const View v = s == 0 ? input_view(q) : inter_view(q);
+        site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
+      }
+      char* dst = last ? reinterpret_cast<char*>(buf + (begin - mine.begin))
+                       : inter_view(local_rank).At(offsets.data(), seg, begin);
+      if (src_acc) {
+        ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
+      } else {
+        ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
+      }
+    });
+    if (!last) ok = r->Barrier(local_rank, s + 1, "reduce-scatter", c.deadline, &error);
+  }
+  const auto t2 = Clock::now();
+  if (ok) {
+    ProcessHeader header{call_id, count, c.desc.dtype, static_cast<int64_t>(c.op)};
+    if (!MpiAllreduce(local_rank, site.proc_buf.data(), mine.size(), sizeof(A),
+                      static_cast<int>(c.op), &ReduceAccum<A>, site.proc_plan, header,
+                      &DescribeHeader, c.deadline, &site.proc_scratch, &error)) {
+      error.message = *c.context + ", local slot " + std::to_string(local_rank) + ": " +
+                      error.message;
+      Registry::Get().Leave(r);
+      return FailRendezvous(error);
+    }
+  }
+  const auto t3 = Clock::now();
+  if (ok) {
+    ForEachPiece(offsets, mine, [&](int64_t seg, int64_t begin, int64_t len) {
+      const char* src = reinterpret_cast<const char*>(buf + (begin - mine.begin));
+      for (int64_t q = 0; q < ranks; ++q) {
+        site.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
+      }
+      ReduceDispatch<A, A, T>(c.op, &src, 1, site.dst_ptrs.data(), ranks, len);
+    });
+    ok = r->Barrier(local_rank, stages, "exit", c.deadline, &error);
+  }
+  Registry::Get().Leave(r);
+  if (!ok) return FailRendezvous(error);
+  Counters& k = GetCounters();
+  k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
+  k.reduce_scatter_ns.fetch_add(Nanos(t1, t3), std::memory_order_relaxed);
+  k.broadcast_ns.fetch_add(Nanos(t3, Clock::now()), std::memory_order_relaxed);
+  (void)t2;
+  return ffi::Error::Success();
+}
+
+template <typename T>
+ffi::Error RunTyped(const Call& c, int64_t local_rank, int64_t call_id) {
+  if (c.site->cross) return RunCross<T>(c, local_rank, call_id);
   if (c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.small_bytes) return RunSmall<T>(c);
   return RunLarge<T>(c);
 }
@@ -287,6 +400,32 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
       site.plan_dims.clear();
       return Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error);
     }
+    site.cross = false;
+    const ProcessLayout& pl = MpiLayout();
+    if (MpiAttached() && pl.processes > 1 && ranks == pl.slots * pl.processes) {
+      // Local dimensions first: a prefix of the grid that multiplies to the local devices.
+      std::vector<int64_t> local_dims, proc_dims;
+      int64_t prod = 1;
+      size_t i = 0;
+      for (; i < site.plan_dims.size() && prod < pl.slots; ++i) {
+        prod *= site.plan_dims[i];
+        local_dims.push_back(site.plan_dims[i]);
+      }
+      proc_dims.assign(site.plan_dims.begin() + i, site.plan_dims.end());
+      if (prod != pl.slots) {
+        site.plan_dims.clear();
+        return Fail(ffi::ErrorCode::kInvalidArgument,
+                    "jax_ddl_allreduce: topology " + FormatTopology(dims_vec(dims)) +
+                        " must start with dimensions that multiply to the " +
+                        std::to_string(pl.slots) + " devices of each process (e.g. " +
+                        std::to_string(pl.slots) + "x" + std::to_string(pl.processes) + ")");
+      }
+      if (local_dims.empty()) local_dims.push_back(1);
+      if (proc_dims.empty()) proc_dims.push_back(1);
+      Plan::Make(local_dims, pl.slots, &site.local_plan, &error);
+      Plan::Make(proc_dims, pl.processes, &site.proc_plan, &error);
+      site.cross = true;
+    }
     site.peer_ptrs.assign(ranks, nullptr);
     site.dst_ptrs.assign(ranks, nullptr);
     site.context = "jax_ddl allreduce (call " + std::to_string(call_id) + ", group " +
@@ -299,6 +438,20 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
                 "jax_ddl_allreduce: rank " + std::to_string(rank) + " is outside topology " +
                     FormatTopology(plan.dims()) + " of " + std::to_string(plan.num_ranks()) +
                     " ranks");
+  }
+
+  int64_t local_rank = rank;
+  if (site.cross) {
+    const ProcessLayout& pl = MpiLayout();
+    local_rank = rank - pl.process * pl.slots;
+    if (local_rank < 0 || local_rank >= pl.slots) {
+      return Fail(ffi::ErrorCode::kInvalidArgument,
+                  "jax_ddl_allreduce: rank " + std::to_string(rank) + " runs in process " +
+                      std::to_string(pl.process) + ", whose ranks should be " +
+                      std::to_string(pl.process * pl.slots) + ".." +
+                      std::to_string((pl.process + 1) * pl.slots - 1) +
+                      ": order the mesh's devices process by process, as jax.devices() does");
+    }
   }
 
   // Buffers: same dtype throughout, each result the shape of its operand.
@@ -388,12 +541,12 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
 
   ffi::Error result;
   switch (dtype) {
-    case ffi::DataType::F32: result = RunTyped<float>(c); break;
-    case ffi::DataType::F64: result = RunTyped<double>(c); break;
-    case ffi::DataType::BF16: result = RunTyped<bf16_t>(c); break;
-    case ffi::DataType::F16: result = RunTyped<f16_t>(c); break;
-    case ffi::DataType::S32: result = RunTyped<int32_t>(c); break;
-    case ffi::DataType::S64: result = RunTyped<int64_t>(c); break;
+    case ffi::DataType::F32: result = RunTyped<float>(c, local_rank, call_id); break;
+    case ffi::DataType::F64: result = RunTyped<double>(c, local_rank, call_id); break;
+    case ffi::DataType::BF16: result = RunTyped<bf16_t>(c, local_rank, call_id); break;
+    case ffi::DataType::F16: result = RunTyped<f16_t>(c, local_rank, call_id); break;
+    case ffi::DataType::S32: result = RunTyped<int32_t>(c, local_rank, call_id); break;
+    case ffi::DataType::S64: result = RunTyped<int64_t>(c, local_rank, call_id); break;
     default: break;
   }
   ++site.sequence;

@@ -9,6 +9,7 @@
 
 #include "cpu_handler.h"
 #include "membw.h"
+#include "mpi_transport.h"
 #include "rendezvous.h"
 #include "topology.h"
 
@@ -41,6 +42,12 @@ NB_MODULE(_ddl, m) {
   });
   m.def("copy_bandwidth", &jax_ddl::CopyBandwidth, nb::arg("bytes_per_thread"),
         nb::arg("threads"), nb::arg("iters"), nb::call_guard<nb::gil_scoped_release>());
+  m.def("mpi_compiled_in", &jax_ddl::MpiCompiledIn);
+  m.def("mpi_attached", &jax_ddl::MpiAttached);
+  m.def("mpi_attach", [](const std::vector<int64_t>& comms, int64_t process, int64_t processes) {
+    std::string error;
+    if (!jax_ddl::MpiAttach(comms, process, processes, &error)) throw nb::value_error(error.c_str());
+  }, nb::arg("comm_handles"), nb::arg("process"), nb::arg("processes"));
   m.def("reset_counters", []() { jax_ddl::GetCounters().Reset(); });
   m.def("set_fault", [](const std::string& kind, int64_t rank) {
     auto& f = jax_ddl::GetFault();

@@ -118,6 +118,11 @@ struct SiteState {
   std::vector<int64_t> plan_dims;
   Plan plan;
   std::string context;  // names the call in errors
+  // Across processes: the plan splits into local dimensions (shared memory) and process
+  // dimensions (MPI); this device's slice travels through `proc_buf`.
+  bool cross = false;
+  Plan local_plan, proc_plan;
+  std::vector<char> proc_buf, proc_scratch;
 };
 
 // The site state of (device, call_id); created on first use.

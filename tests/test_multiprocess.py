@@ -24,21 +24,28 @@ def mpiexec() -> str:
     return found
 
 
-def run_mpi(n, *args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
+def run_mpi(n, *args, timeout=300, env=None, launcher=(), shell=False):
+    """mpiexec -n N python ARGS. shell=True runs each process under `sh`, so the signals
+    hydra sends the survivors when a process dies (SIGUSR1, and sometimes SIGKILL even
+    with -disable-auto-cleanup) reach the shell, not the process under test."""
+    base = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
+    wrap = ["sh", "-c", '"$@"', "sh"] if shell else []
     return subprocess.run(
-        [mpiexec(), "-n", str(n), sys.executable, *map(str, args)],
+        [mpiexec(), *launcher, "-n", str(n), *wrap, sys.executable, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env={**base, **(env or {})},
         cwd=ROOT,
     )
 
 
-@pytest.mark.parametrize("procs, local", [(2, 4), (4, 2)])
-def test_collectives_across_and_inside_processes(procs, local):
-    r = run_mpi(procs, ROOT / "tests" / "mpi_programs" / "collectives.py", local)
+@pytest.mark.parametrize(
+    "procs, local, topologies", [(2, 4, ["4x2", "2x2x2"]), (4, 2, ["2x4", "2x2x2"])]
+)
+def test_collectives_across_and_inside_processes(procs, local, topologies):
+    program = ROOT / "tests" / "mpi_programs" / "collectives.py"
+    r = run_mpi(procs, program, local, *topologies)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # Processes' output lines may interleave: count the markers, not lines.
     assert sorted(int(i) for i in re.findall(r"OK (\d+)", r.stdout)) == list(range(procs))
@@ -63,7 +70,8 @@ def _losses(path):
     ]
 
 
-def test_training_two_processes_matches_one(tmp_path):
+@pytest.mark.parametrize("allreduce", ["ddl", "lax"])
+def test_training_two_processes_matches_one(tmp_path, allreduce):
     common = [
         "--model",
         "resnet18",
@@ -75,7 +83,7 @@ def test_training_two_processes_matches_one(tmp_path):
         "2",
         "--no-progress",
         "--allreduce",
-        "lax",
+        allreduce,
     ]
     train = ROOT / "examples" / "train.py"
     multi = run_mpi(2, train, *common, "--host-devices", "4", "--out-dir", tmp_path / "mp")
@@ -94,37 +102,50 @@ def test_training_two_processes_matches_one(tmp_path):
         _losses(tmp_path / "mp" / "metrics.jsonl"),
         _losses(tmp_path / "sp" / "metrics.jsonl"),
     )
-    # Same global batches, rows split by process; XLA's cross-process all-reduce (gloo)
-    # may add in another order than its in-process one: float32 rounding only (measured
-    # 2e-7 relative after 4 steps).
+    # Same global batches, rows split by process. Across processes the 8 gradients are
+    # added in another order (jax_ddl: 4 in shared memory, then across the 2 processes;
+    # gloo: its own), so float32 rounding differs: measured 2e-7 relative after 4 steps.
     np.testing.assert_allclose(mp_loss, sp_loss, rtol=1e-5)
     assert len(mp_loss) == 4 and mp_acc == pytest.approx(sp_acc, abs=1 / 360)
     # Only the first process writes; the others stay silent.
     assert multi.stdout.count("done: steps 0->4") == 1
+    if allreduce == "ddl":
+        assert "in jax_ddl:" in multi.stdout
 
 
-def test_training_with_ddl_across_processes_is_refused_clearly(tmp_path):
+@pytest.mark.parametrize("mode", ["skip", "kill", "shape"])
+def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mode):
+    """Process 1 never calls (skip), dies by SIGKILL (kill) or reduces another shape
+    (shape): process 0 fails with a message naming it, within JAX_DDL_TIMEOUT."""
+    timeout_s = 5
     r = run_mpi(
         2,
-        ROOT / "examples" / "train.py",
-        "--model",
-        "resnet18",
-        "--width",
-        "4",
-        "--steps",
-        "1",
-        "--no-progress",
-        "--host-devices",
-        "4",
-        "--out-dir",
-        tmp_path,
+        ROOT / "tests" / "mpi_programs" / "failures.py",
+        mode,
+        2,
+        env={"JAX_DDL_TIMEOUT": str(timeout_s)},
+        # Keep the survivors running when a process dies, so they can report.
+        launcher=("-disable-auto-cleanup",),
+        timeout=120,
+        shell=True,
     )
-    assert r.returncode != 0
-    assert "the reduction crosses processes" in r.stderr
-    assert "Traceback" not in r.stderr
+    failed = {
+        int(m[0]): (float(m[1]), m[2]) for m in re.findall(r"FAILED (\d) ([\d.]+) (.*)", r.stdout)
+    }
+    assert 0 in failed, r.stdout[-3000:] + r.stderr[-3000:]
+    seconds, message = failed[0]
+    if mode == "shape":
+        assert "processes disagree on the call" in message
+        assert "(4096 elements of float32, sum), process 1 has call" in message
+        assert "(4000 elements of float32, sum)" in message
+        assert 1 in failed and seconds < timeout_s  # both fail, at once
+    else:
+        assert "DEADLINE_EXCEEDED" in message
+        assert "processes [1] (ranks 2-3) never arrived" in message
+        assert timeout_s - 0.5 <= seconds <= timeout_s + 5
 
 
-def test_benchmark_under_mpiexec_measures_gloo_and_raw_mpi(tmp_path):
+def test_benchmark_under_mpiexec_puts_jax_ddl_beside_gloo_and_raw_mpi(tmp_path):
     out = tmp_path / "bench.json"
     r = run_mpi(
         2,
@@ -149,9 +170,9 @@ def test_benchmark_under_mpiexec_measures_gloo_and_raw_mpi(tmp_path):
     result = json.loads(out.read_text())
     assert result["settings"]["processes"] == 2 and result["settings"]["devices"] == 4
     rows = result["rows"]
-    assert {x["impl"] for x in rows} == {"lax.psum", "mpi"}
+    assert {x["impl"] for x in rows} == {"jax_ddl", "lax.psum", "mpi"}
     assert [x["size"] for x in rows if x["impl"] == "mpi"] == [1024, 8192]
     for x in rows:  # every result checked against the known sum, on every process
         assert x["oop"]["wrong"] == 0 and x["ip"]["wrong"] == 0
-    assert all("x_lax" in x["ip"] for x in rows if x["impl"] == "mpi")
+    assert all("x_lax" in x["ip"] for x in rows if x["impl"] != "lax.psum")
     assert r.stdout.count("# jax_ddl allreduce benchmark") == 1  # only the first process

@@ -99,8 +99,35 @@ def _impl(*args, **params):
 allreduce_p.def_impl(_impl)
 
 
+def _check_device_layout(mesh, axes) -> None:
+    """At lowering, with the devices known: each group of ranks must lie inside one process
+    (shared memory) or be all devices, process by process (shared memory, then MPI)."""
+    if mesh is None or jax.process_count() == 1:
+        return
+    names = list(mesh.axis_names)
+    order = [names.index(a) for a in names if a not in axes] + [names.index(a) for a in axes]
+    devs = np.asarray(mesh.devices).transpose(order)
+    size = math.prod(mesh.shape[a] for a in axes)
+    groups = devs.reshape(-1, size)
+    procs = np.vectorize(lambda d: d.process_index)(groups)
+    if np.all(procs == procs[:, :1]):
+        return  # every group inside one process
+    local = jax.local_device_count()
+    everything = groups.shape[0] == 1 and size == jax.device_count()
+    if everything and np.array_equal(procs[0], np.arange(size) // local):
+        return
+    where = ", ".join(f"rank {r}: process {p}" for r, p in enumerate(procs[0][: 2 * local]))
+    raise NotImplementedError(
+        f"jax_ddl: the reduction over {list(axes)} mixes processes in a way jax_ddl does not "
+        f"support ({where}, ...). Across processes it reduces over all devices of all "
+        f"processes, ordered process by process as jax.devices() is (rank r in process "
+        f"r // {local}); build the mesh from jax.devices() in that order."
+    )
+
+
 def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, inplace, vma):
-    del axes, vma
+    del vma
+    _check_device_layout(compat.lowering_mesh(ctx), axes)
     aliases = {i + 2: i for i in range(len(xs))} if inplace else None
     # Side effect: XLA keeps the calls of one program in program order on every device,
     # never concurrent or reordered, so the engine can pair them by occurrence.
@@ -219,16 +246,40 @@ def _check_dtype(x, api: str, path) -> np.dtype:
     return dtype
 
 
-def _check_within_process(size: int, api: str, axes: tuple) -> None:
-    """Refuses, at trace time, a reduction that must span processes: the engine has no
-    process-level transport yet, and its ranks in other processes would never arrive."""
-    local = jax.local_device_count()
-    if jax.process_count() > 1 and size > local:
+def _check_processes(size: int, dims: tuple, api: str, axes: tuple) -> None:
+    """At trace time: a reduction whose ranks span processes needs the MPI transport
+    (jax_ddl.distributed.initialize), all devices of all processes, and a topology whose
+    leading dimensions cover one process's devices."""
+    local, procs = jax.local_device_count(), jax.process_count()
+    if procs == 1 or size <= local:
+        return
+    if not _ddl.mpi_attached():
+        why = (
+            "this build has no MPI transport (no MPI headers when it was built)"
+            if not _ddl.mpi_compiled_in()
+            else "jax_ddl's MPI transport is not attached: start the program under mpiexec "
+            "and call jax_ddl.distributed.initialize() first"
+        )
         raise NotImplementedError(
             f"{api}: axes {list(axes)} span {size} devices but this process has {local}: "
-            f"the reduction crosses processes, and jax_ddl's process-level (MPI) transport "
-            f"is not available yet. Reduce over this process's devices with jax_ddl and "
-            f"across processes with jax.lax, or use jax.lax.psum for now."
+            f"the reduction crosses processes, and {why}."
+        )
+    if size != local * procs:
+        raise NotImplementedError(
+            f"{api}: axes {list(axes)} span {size} of the {local * procs} devices; across "
+            f"processes jax_ddl reduces over all devices of all processes so far (reduce "
+            f"over a within-process axis with jax_ddl and the rest with jax.lax)."
+        )
+    prefix = 1
+    for d in dims:
+        if prefix >= local:
+            break
+        prefix *= d
+    if prefix != local:
+        raise ValueError(
+            f"{api}: topology {_topology.format(dims)} must start with dimensions that "
+            f"multiply to the {local} devices of each process, then the {procs} processes "
+            f"(e.g. '{local}x{procs}')"
         )
 
 
@@ -277,8 +328,8 @@ def allreduce(
         )
     sizes = compat.mesh_axis_sizes()
     size = math.prod(sizes[a] for a in mesh_axes)
-    _check_within_process(size, api, mesh_axes)
     dims = _topology.resolve(topology, size, api, mesh_axes)
+    _check_processes(size, dims, api, mesh_axes)
     vma = compat.check_vma_enabled()
 
     out = list(leaves)

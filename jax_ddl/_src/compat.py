@@ -81,3 +81,9 @@ def named_axis_effects(axes):
 
 def is_tracer(x) -> bool:
     return isinstance(x, _core.Tracer)
+
+
+def lowering_mesh(ctx):
+    """The concrete mesh (with devices) a shard_map is being lowered for, or None."""
+    mesh = getattr(getattr(ctx.module_context, "axis_context", None), "mesh", None)
+    return mesh if getattr(mesh, "devices", None) is not None else None

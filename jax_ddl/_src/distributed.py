@@ -9,6 +9,7 @@ needs no hand-written host:port to start.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import jax
@@ -43,7 +44,11 @@ def _mpi():
 
 
 def initialize(
-    *, local_devices: int | None = None, coordinator_port: int | None = None, timeout_s: int = 300
+    *,
+    local_devices: int | None = None,
+    coordinator_port: int | None = None,
+    timeout_s: int = 300,
+    recoverable: bool = True,
 ) -> dict:
     """Joins this process to a multi-process JAX program launched with mpiexec.
 
@@ -58,6 +63,11 @@ def initialize(
       coordinator_port: the port for jax's coordination service on rank 0; None picks a
         free one.
       timeout_s: how long processes wait for each other to join.
+      recoverable: ignore SIGUSR1 (unless the program handles it), which MPICH's mpiexec
+        sends the survivors when a process dies and which would otherwise terminate them
+        silently; a collective waiting for the dead process then fails with jax_ddl's
+        error naming the missing ranks. (Launch with -disable-auto-cleanup, or mpiexec
+        kills the survivors itself.)
 
     Returns:
       dict with `process_index`, `process_count`, `hosts` (number of distinct hosts),
@@ -77,6 +87,8 @@ def initialize(
             "Import jax_ddl.distributed before mpi4py.MPI, or build MPI with thread support."
         )
     comm = MPI.COMM_WORLD
+    # A failing peer must surface as an error jax_ddl reports, not abort every process.
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
     rank, size = comm.Get_rank(), comm.Get_size()
     hosts = comm.allgather(MPI.Get_processor_name())
     distinct = sorted(set(hosts), key=hosts.index)
@@ -91,6 +103,12 @@ def initialize(
             raise ValueError(f"local_devices must be >= 1; got {local_devices}")
         jax.config.update("jax_num_cpu_devices", local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if recoverable:
+        # MPICH's launcher signals SIGUSR1 to the survivors when a process fails; its
+        # default action would kill them silently before jax_ddl can name the missing
+        # ranks. Ignore it unless the program installed a handler of its own.
+        if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     address = None
     if rank == 0:
         host = "127.0.0.1" if len(distinct) == 1 else socket.gethostname()
@@ -100,6 +118,7 @@ def initialize(
     jax.distributed.initialize(
         address, num_processes=size, process_id=rank, initialization_timeout=timeout_s
     )
+    _attach_transport(MPI, comm, rank, size)
     _layout = {
         "process_index": rank,
         "process_count": size,
@@ -107,6 +126,30 @@ def initialize(
         "processes_per_host": size // len(distinct),
     }
     return dict(_layout)
+
+
+_slot_comms: list = []
+
+
+def _attach_transport(MPI, comm, rank: int, size: int) -> None:
+    """One communicator per local device slot, each spanning all processes, so all slots
+    exchange across processes at once; errors are returned to jax_ddl (which fails the call
+    naming the processes) instead of aborting every process."""
+    from jax_ddl import _ddl
+
+    if not _ddl.mpi_compiled_in():
+        return  # reductions across processes are then refused at trace time, naming why
+    _slot_comms.clear()
+    for _ in range(jax.local_device_count()):
+        slot = comm.Dup()
+        slot.Set_errhandler(MPI.ERRORS_RETURN)
+        _slot_comms.append(slot)
+    _ddl.mpi_attach([_signed(MPI._handleof(c)) for c in _slot_comms], rank, size)
+
+
+def _signed(handle: int) -> int:
+    """mpi4py gives MPICH's (int) handles as unsigned 64-bit values; C++ wants them signed."""
+    return handle - (1 << 64) if handle >= (1 << 63) else handle
 
 
 def layout() -> dict | None:

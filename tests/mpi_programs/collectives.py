@@ -1,9 +1,12 @@
 """Run under mpiexec by tests/test_multiprocess.py: N processes x L host devices each.
 
-Checks, on every process: jax_ddl.distributed.initialize's layout; jax.lax.psum across
-processes (XLA's gloo) against numpy of the global data; jax_ddl.psum over a mesh axis
-inside each process, exact; jax_ddl.psum over an axis spanning processes refused at trace
-time with a message naming the devices. Prints "OK <rank>" at the end.
+Every process checks its own results against numpy of the global data (integer-valued,
+so every sum is exact): jax.lax.psum across processes (gloo); jax_ddl.psum across
+processes with every topology given on the command line; a pytree of several dtypes;
+pmean against jax.lax.pmean; grad; jax_ddl inside each process; and the refusal of an
+axis that mixes processes unsupportedly. Prints "OK <rank>" at the end.
+
+    mpiexec -n 2 python tests/mpi_programs/collectives.py 4 [4x2 2x2x2 ...]
 """
 
 import sys
@@ -11,9 +14,11 @@ import sys
 import jax_ddl.distributed
 
 local = int(sys.argv[1])
+topologies = [None, *sys.argv[2:]]
 info = jax_ddl.distributed.initialize(local_devices=local)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -24,27 +29,75 @@ rank, procs = info["process_index"], info["process_count"]
 assert (jax.process_index(), jax.process_count()) == (rank, procs), info
 assert jax.local_device_count() == local and jax.device_count() == local * procs
 assert info["hosts"] == 1 and info["processes_per_host"] == procs
-
 n = local * procs
-# Integer-valued data, different on every device: row g (global device g) is g+1 times a
-# pattern, so every sum is exact in float32.
-pattern = np.arange(1000, dtype=np.float32) % 7 - 3
-glob = np.stack([(g + 1) * pattern for g in range(n)])
-mine = glob[rank * local : (rank + 1) * local]
-
 flat = Mesh(np.array(jax.devices()), ("i",))
-x = jax.make_array_from_process_local_data(NamedSharding(flat, P("i")), mine, glob.shape)
-lax_sum = jax.jit(
-    jax.shard_map(lambda v: jax.lax.psum(v, "i"), mesh=flat, in_specs=P("i"), out_specs=P())
-)(x)
-np.testing.assert_array_equal(np.asarray(lax_sum.addressable_shards[0].data)[0], glob.sum(0))
+ROWS = P("i")
 
-# jax_ddl inside each process: a (process, local) mesh, reduced over "local".
+
+def global_array(glob, mesh=flat, spec=ROWS):
+    """The process's rows of `glob` (one leading row per device), as a global array."""
+    mine = glob[rank * local : (rank + 1) * local]
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), mine, glob.shape)
+
+
+def rows(y):
+    return [np.asarray(s.data)[0] for s in y.addressable_shards]
+
+
+def spmd(fn, out_specs=ROWS):
+    return jax.jit(jax.shard_map(fn, mesh=flat, in_specs=P("i"), out_specs=out_specs))
+
+
+pattern = np.arange(30011) % 7 - 3  # odd length: slices of unequal size everywhere
+glob = np.stack([(g + 1) * pattern for g in range(n)]).astype(np.float32)
+want = glob.sum(0)
+x = global_array(glob)
+
+for got in rows(spmd(lambda v: jax.lax.psum(v, "i"))(x)):
+    np.testing.assert_array_equal(got, want)
+
+results = []
+for topo in topologies:
+    y = spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(x)
+    for got in rows(y):
+        np.testing.assert_array_equal(got, want, err_msg=f"topology {topo}")
+    results.append(rows(y)[0])
+
+# A pytree of three dtypes: one call each, all exact.
+tree = {
+    "f32": glob[:, :500],
+    "bf16": glob[:, :300].astype(jnp.bfloat16),
+    "i32": glob[:, :700].astype(np.int32),
+}
+tree_in = jax.tree_util.tree_map(global_array, tree)
+out = spmd(lambda t: jax_ddl.psum(t, "i"))(tree_in)
+for k, v in tree.items():
+    for got in rows(out[k]):
+        np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(v, np.float64).sum(0))
+
+# pmean against jax.lax.pmean (n is a power of two here or the values stay exact).
+mean_ddl = rows(spmd(lambda v: jax_ddl.pmean(v, "i"))(x))
+mean_lax = rows(spmd(lambda v: jax.lax.pmean(v, "i"))(x))
+for a, b in zip(mean_ddl, mean_lax):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# grad through jax_ddl.psum equals grad through jax.lax.psum.
+def loss(psum):
+    def f(w, v):
+        return jnp.sum(psum(w * v, "i") ** 2)
+
+    return spmd(jax.grad(f), out_specs=P("i"))
+
+
+w = global_array(np.ones_like(glob) * 0.5)
+for a, b in zip(rows(loss(jax_ddl.psum)(w, x)), rows(loss(jax.lax.psum)(w, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+# Inside each process: a (process, local) mesh reduced over "local" (shared memory only).
 grid = Mesh(np.array(jax.devices()).reshape(procs, local), ("proc", "local"))
-y = jax.make_array_from_process_local_data(
-    NamedSharding(grid, P(("proc", "local"))), mine, glob.shape
-)
-ddl_local = jax.jit(
+y = global_array(glob, grid, P(("proc", "local")))
+inside = jax.jit(
     jax.shard_map(
         lambda v: jax_ddl.psum(v, "local"),
         mesh=grid,
@@ -52,19 +105,24 @@ ddl_local = jax.jit(
         out_specs=P("proc"),
     )
 )(y)
-want = glob[rank * local : (rank + 1) * local].sum(0)
-for shard in ddl_local.addressable_shards:
-    np.testing.assert_array_equal(np.asarray(shard.data)[0], want)
+for got in rows(inside):
+    np.testing.assert_array_equal(got, glob[rank * local : (rank + 1) * local].sum(0))
 
-# Across processes: refused before anything runs.
+# Over "proc" only: ranks in different processes but not all devices: refused clearly.
 try:
     jax.jit(
-        jax.shard_map(lambda v: jax_ddl.psum(v, "i"), mesh=flat, in_specs=P("i"), out_specs=P())
-    )(x)
+        jax.shard_map(
+            lambda v: jax_ddl.psum(v, "proc"),
+            mesh=grid,
+            in_specs=P(("proc", "local")),
+            out_specs=P("local"),
+        )
+    )(y)
 except NotImplementedError as e:
-    assert f"span {n} devices but this process has {local}" in str(e), e
+    # Caught at trace time when the axis is larger than a process, else at lowering.
+    assert "mixes processes" in str(e) or "over all devices of all processes" in str(e), e
 else:
-    raise AssertionError("jax_ddl.psum across processes was not refused")
+    raise AssertionError("a reduction over some devices of several processes was accepted")
 
 sys.stdout.write(f"OK {rank}\n")
 sys.stdout.flush()
