@@ -24,7 +24,7 @@ def mpiexec() -> str:
     return found
 
 
-def run_mpi(n, *args, timeout=300, env=None, launcher=(), shell=False):
+def run_mpi(n, *args, timeout=300, env=None, launcher=(), shell=False, cwd=ROOT):
     """mpiexec -n N python ARGS. shell=True runs each process under `sh`, so the signals
     hydra sends the survivors when a process dies (SIGUSR1, and sometimes SIGKILL even
     with -disable-auto-cleanup) reach the shell, not the process under test."""
@@ -36,7 +36,7 @@ def run_mpi(n, *args, timeout=300, env=None, launcher=(), shell=False):
         text=True,
         timeout=timeout,
         env={**base, **(env or {})},
-        cwd=ROOT,
+        cwd=cwd,
     )
 
 
@@ -165,6 +165,7 @@ def test_benchmark_under_mpiexec_puts_jax_ddl_beside_gloo_and_raw_mpi(tmp_path):
         "0",
         "--json",
         out,
+        cwd=tmp_path,  # not the source tree: -m would import jax_ddl from it
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
