@@ -69,6 +69,7 @@ struct Exchange {
   std::vector<MPI_Request> reqs;
   std::vector<int64_t> peer;  // process rank per request
   std::vector<bool> is_recv;
+  std::vector<bool> done;
 
   void Add(MPI_Request r, int64_t p, bool recv) {
     reqs.push_back(r);
@@ -79,7 +80,7 @@ struct Exchange {
   // Waits for every request until `deadline`, polling (a blocking wait cannot time out).
   // On expiry cancels what is left and names the processes whose messages never came.
   bool Wait(Clock::time_point deadline, const char* stage, Failure* failure) {
-    std::vector<bool> done(reqs.size(), false);
+    done.assign(reqs.size(), false);
     size_t left = reqs.size();
     auto pause = std::chrono::microseconds(5);
     while (left > 0) {
@@ -202,17 +203,21 @@ bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, Red
   }
   MPI_Comm comm = g_comms[slot];
   const int64_t me = g_layout.process;
-  Exchange ex;
+  // Per device thread and kept across calls: no allocation once warm.
+  thread_local Exchange ex;
+  thread_local std::vector<int64_t> peers;
+  thread_local std::vector<ProcessHeader> theirs;
+  thread_local std::vector<const char*> srcs;
+  peers.clear();
 
   // Headers first: every peer of every stage must be running the same call.
-  std::vector<int64_t> peers;
   for (int s = 0; s < plan.num_stages(); ++s) {
     for (int64_t g = 0; g < plan.dim(s); ++g) {
       const int64_t q = plan.Peer(me, s, g);
       if (q != me) peers.push_back(q);
     }
   }
-  std::vector<ProcessHeader> theirs(peers.size());
+  theirs.assign(peers.size(), ProcessHeader{});
   for (size_t i = 0; i < peers.size(); ++i) {
     MPI_Request r;
     g_api.irecv(&theirs[i], sizeof(ProcessHeader), MPI_BYTE, static_cast<int>(peers[i]),
@@ -236,7 +241,6 @@ bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, Red
   // Reduce-scatter, stage by stage: receive every group peer's copy of the slice this
   // process owns next, reduce the copies in group order.
   const int stages = plan.num_stages();
-  std::vector<const char*> srcs;
   for (int s = 0; s < stages; ++s) {
     const int64_t k = plan.dim(s);
     if (k == 1) continue;
