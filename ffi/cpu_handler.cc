@@ -153,87 +153,6 @@ ffi::Error RunSmall(const Call& c) {
   return ffi::Error::Success();
 }
 
-// Large messages: DDL's schedule. Reduce-scatter stage by stage: at each stage a rank
-// reduces the slice it owns from its group's copies. At the last stage the owner of a
-// final slice writes it straight into every rank's output: in shared memory that is the
-// whole reverse all-gather in one step, each byte written once and never re-read. Only
-// the owner ever touches a final slice, in any buffer, so this is safe in place too.
-// Every element is reduced in the plan's fixed order: all ranks get identical bits.
-template <typename T>
-ffi::Error RunLarge(const Call& c) {
-  using A = typename AccumOf<T>::type;
-  constexpr bool kSameAcc = std::is_same_v<A, T>;
-  SiteState& site = *c.site;
-  const Plan& plan = *c.plan;
-  const int64_t count = c.desc.count;
-  const int64_t ranks = plan.num_ranks();
-  const auto& offsets = *c.offsets;
-  const int stages = plan.num_stages();
-  // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
-  const bool scratch = !kSameAcc && stages > 1;
-  if (scratch) site.inter.resize(count * sizeof(A));
-  Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(),
-            scratch ? site.inter.data() : nullptr, nullptr};
-
-  const auto t0 = Clock::now();
-  Rendezvous* r = Registry::Get().Join(c.key, ranks, *c.context);
-  Failure error;
-  if (!r->Arrive(c.rank, me, c.deadline, &error)) {
-    Registry::Get().Leave(r);
-    return FailRendezvous(error);
-  }
-  const auto t1 = Clock::now();
-  auto input_view = [&](int64_t q) { return View{r->member(q).inputs, nullptr, sizeof(T)}; };
-  auto output_view = [&](int64_t q) { return View{r->member(q).outputs, nullptr, sizeof(T)}; };
-  auto inter_view = [&](int64_t q) {
-    return scratch ? View{nullptr, r->member(q).inter, sizeof(A)} : output_view(q);
-  };
-
-  bool ok = true;
-  auto t2 = t1;
-  for (int s = 0; s < stages && ok; ++s) {
-    const int64_t group_size = plan.dim(s);
-    const bool last = s == stages - 1;
-    const bool src_acc = s > 0 && scratch;
-    if (last) t2 = Clock::now();
-    ForEachPiece(offsets, plan.Region(c.rank, s + 1, count),
-                 [&](int64_t seg, int64_t begin, int64_t len) {
-      for (int64_t g = 0; g < group_size; ++g) {
-        const int64_t q = plan.Peer(c.rank, s, g);
-        const View v = s == 0 ? input_view(q) : inter_view(q);
-        site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
-      }
-      if (last) {
-        for (int64_t q = 0; q < ranks; ++q) {
-          site.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
-        }
-        if (src_acc) {
-          ReduceDispatch<A, A, T>(c.op, site.peer_ptrs.data(), group_size, site.dst_ptrs.data(),
-                                  ranks, len);
-        } else {
-          ReduceDispatch<A, T, T>(c.op, site.peer_ptrs.data(), group_size, site.dst_ptrs.data(),
-                                  ranks, len);
-        }
-      } else {
-        char* dst = inter_view(c.rank).At(offsets.data(), seg, begin);
-        if (src_acc) {
-          ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
-        } else {
-          ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
-        }
-      }
-    });
-    ok = r->Barrier(c.rank, s + 1, last ? "exit" : "reduce-scatter", c.deadline, &error);
-  }
-  Registry::Get().Leave(r);
-  if (!ok) return FailRendezvous(error);
-  Counters& k = GetCounters();
-  k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
-  k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
-  k.broadcast_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
-  return ffi::Error::Success();
-}
-
 const char* DtypeName(ffi::DataType t);
 
 std::string DescribeHeader(const ProcessHeader& h) {
@@ -249,21 +168,28 @@ void ReduceAccum(int op, const char* const* srcs, int64_t n_src, char* dst, int6
   ReduceDispatch<A, A, A>(static_cast<Op>(op), srcs, n_src, dsts, 1, n);
 }
 
-// Across processes (DDL's hierarchy): reduce-scatter over the local dimensions in shared
-// memory, the owner of each local slice packing it into `proc_buf`; allreduce that slice
-// with the same slot of every other process over MPI (one communicator per slot, so all
-// slots run at once); then the owner writes it into every local output. Reduction order
-// is fixed by the two plans, so every device of every process gets the same bits.
+// Large messages: DDL's schedule. Reduce-scatter stage by stage: at each stage a rank
+// reduces the slice it owns from its group's copies. At the last stage the owner of a
+// final slice writes it straight into every rank's output: in shared memory that is the
+// whole reverse all-gather in one step, each byte written once and never re-read. Only
+// the owner ever touches a final slice, in any buffer, so this is safe in place too.
+// Every element is reduced in the plan's fixed order: all ranks get identical bits.
+//
+// Across processes (DDL's hierarchy) the plan is the local one and the last local stage
+// writes the owner's slice into `proc_buf` instead; that slice is allreduced with the
+// same slot of every other process over MPI (one communicator per slot, so all slots run
+// at once) and then written into every local output. The order stays fixed by the two
+// plans, so every device of every process gets the same bits.
 template <typename T>
-ffi::Error RunCross(const Call& c, int64_t local_rank, int64_t call_id) {
+ffi::Error RunLarge(const Call& c, const Plan& plan, int64_t rank, bool cross, int64_t call_id) {
   using A = typename AccumOf<T>::type;
   constexpr bool kSameAcc = std::is_same_v<A, T>;
   SiteState& site = *c.site;
-  const Plan& plan = site.local_plan;
   const int64_t count = c.desc.count;
   const int64_t ranks = plan.num_ranks();
   const auto& offsets = *c.offsets;
   const int stages = plan.num_stages();
+  // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
   const bool scratch = !kSameAcc && stages > 1;
   if (scratch) site.inter.resize(count * sizeof(A));
   Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(),
@@ -272,7 +198,7 @@ ffi::Error RunCross(const Call& c, int64_t local_rank, int64_t call_id) {
   const auto t0 = Clock::now();
   Rendezvous* r = Registry::Get().Join(c.key, ranks, *c.context);
   Failure error;
-  if (!r->Arrive(local_rank, me, c.deadline, &error)) {
+  if (!r->Arrive(rank, me, c.deadline, &error)) {
     Registry::Get().Leave(r);
     return FailRendezvous(error);
   }
@@ -282,70 +208,86 @@ ffi::Error RunCross(const Call& c, int64_t local_rank, int64_t call_id) {
   auto inter_view = [&](int64_t q) {
     return scratch ? View{nullptr, r->member(q).inter, sizeof(A)} : output_view(q);
   };
-  const Range mine = plan.Region(local_rank, stages, count);
-  site.proc_buf.resize(std::max<int64_t>(1, mine.size()) * sizeof(A));
-  A* buf = reinterpret_cast<A*>(site.proc_buf.data());
+  const Range mine = plan.Region(rank, stages, count);
+  A* buf = nullptr;
+  if (cross) {
+    site.proc_buf.resize(std::max<int64_t>(1, mine.size()) * sizeof(A));
+    buf = reinterpret_cast<A*>(site.proc_buf.data());
+  }
+  // Writes `len` elements from `src` (accumulator or T) into every rank's output at `begin`.
+  auto broadcast = [&](int64_t seg, int64_t begin, int64_t len, const char* const* srcs,
+                       int64_t n_src, bool src_acc) {
+    for (int64_t q = 0; q < ranks; ++q) {
+      site.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
+    }
+    if (src_acc) {
+      ReduceDispatch<A, A, T>(c.op, srcs, n_src, site.dst_ptrs.data(), ranks, len);
+    } else {
+      ReduceDispatch<A, T, T>(c.op, srcs, n_src, site.dst_ptrs.data(), ranks, len);
+    }
+  };
 
   bool ok = true;
+  auto t2 = t1;
   for (int s = 0; s < stages && ok; ++s) {
     const int64_t group_size = plan.dim(s);
     const bool last = s == stages - 1;
     const bool src_acc = s > 0 && scratch;
-    ForEachPiece(offsets, plan.Region(local_rank, s + 1, count),
+    if (last) t2 = Clock::now();
+    ForEachPiece(offsets, plan.Region(rank, s + 1, count),
                  [&](int64_t seg, int64_t begin, int64_t len) {
       for (int64_t g = 0; g < group_size; ++g) {
-        const int64_t q = plan.Peer(local_rank, s, g);
+        const int64_t q = plan.Peer(rank, s, g);
         const View v = s == 0 ? input_view(q) : inter_view(q);
         site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
       }
+      if (last && !cross) {
+        broadcast(seg, begin, len, site.peer_ptrs.data(), group_size, src_acc);
+        return;
+      }
       char* dst = last ? reinterpret_cast<char*>(buf + (begin - mine.begin))
-                       : inter_view(local_rank).At(offsets.data(), seg, begin);
+                       : inter_view(rank).At(offsets.data(), seg, begin);
       if (src_acc) {
         ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
       } else {
         ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
       }
     });
-    if (!last) ok = r->Barrier(local_rank, s + 1, "reduce-scatter", c.deadline, &error);
+    if (!last || !cross) {
+      ok = r->Barrier(rank, s + 1, last ? "exit" : "reduce-scatter", c.deadline, &error);
+    }
   }
-  const auto t2 = Clock::now();
-  if (ok) {
+  if (ok && cross) {
+    t2 = Clock::now();  // for the counters the MPI exchange counts as reduce-scatter
     ProcessHeader header{call_id, count, c.desc.dtype, static_cast<int64_t>(c.op)};
-    if (!MpiAllreduce(local_rank, site.proc_buf.data(), mine.size(), sizeof(A),
-                      static_cast<int>(c.op), &ReduceAccum<A>, site.proc_plan, header,
-                      &DescribeHeader, c.deadline, &site.proc_scratch, &error)) {
-      error.message = *c.context + ", local slot " + std::to_string(local_rank) + ": " +
-                      error.message;
+    if (!MpiAllreduce(rank, site.proc_buf.data(), mine.size(), sizeof(A), static_cast<int>(c.op),
+                      &ReduceAccum<A>, site.proc_plan, header, &DescribeHeader, c.deadline,
+                      &site.proc_scratch, &error)) {
+      error.message = *c.context + ", local slot " + std::to_string(rank) + ": " + error.message;
       Registry::Get().Leave(r);
       return FailRendezvous(error);
     }
-  }
-  const auto t3 = Clock::now();
-  if (ok) {
+    t2 = Clock::now();
     ForEachPiece(offsets, mine, [&](int64_t seg, int64_t begin, int64_t len) {
       const char* src = reinterpret_cast<const char*>(buf + (begin - mine.begin));
-      for (int64_t q = 0; q < ranks; ++q) {
-        site.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
-      }
-      ReduceDispatch<A, A, T>(c.op, &src, 1, site.dst_ptrs.data(), ranks, len);
+      broadcast(seg, begin, len, &src, 1, true);
     });
-    ok = r->Barrier(local_rank, stages, "exit", c.deadline, &error);
+    ok = r->Barrier(rank, stages, "exit", c.deadline, &error);
   }
   Registry::Get().Leave(r);
   if (!ok) return FailRendezvous(error);
   Counters& k = GetCounters();
   k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
-  k.reduce_scatter_ns.fetch_add(Nanos(t1, t3), std::memory_order_relaxed);
-  k.broadcast_ns.fetch_add(Nanos(t3, Clock::now()), std::memory_order_relaxed);
-  (void)t2;
+  k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
+  k.broadcast_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
   return ffi::Error::Success();
 }
 
 template <typename T>
 ffi::Error RunTyped(const Call& c, int64_t local_rank, int64_t call_id) {
-  if (c.site->cross) return RunCross<T>(c, local_rank, call_id);
+  if (c.site->cross) return RunLarge<T>(c, c.site->local_plan, local_rank, true, call_id);
   if (c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.small_bytes) return RunSmall<T>(c);
-  return RunLarge<T>(c);
+  return RunLarge<T>(c, *c.plan, c.rank, false, call_id);
 }
 
 std::string FormatSeconds(int64_t ms) {
