@@ -19,10 +19,6 @@ namespace ffi = xla::ffi;
 namespace jax_ddl {
 namespace {
 
-std::vector<int64_t> dims_vec(ffi::Span<const int64_t> dims) {
-  return std::vector<int64_t>(dims.begin(), dims.end());
-}
-
 uint64_t Nanos(Clock::time_point a, Clock::time_point b) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count());
 }
@@ -33,8 +29,9 @@ struct View {
   char* const* segs = nullptr;
   char* flat = nullptr;
   int64_t elem = 0;
+  int64_t origin = 0;  // the element `flat` points at (a flat copy of part of the data)
   char* At(const int64_t* offsets, int64_t seg, int64_t e) const {
-    return flat ? flat + e * elem : segs[seg] + (e - offsets[seg]) * elem;
+    return flat ? flat + (e - origin) * elem : segs[seg] + (e - offsets[seg]) * elem;
   }
 };
 
@@ -157,8 +154,14 @@ const char* DtypeName(ffi::DataType t);
 
 std::string DescribeHeader(const ProcessHeader& h) {
   static const char* kOps[] = {"sum", "max", "min"};
+  std::string buffers;
+  if (h.num_buffers > 1) {
+    char hash[24];
+    std::snprintf(hash, sizeof(hash), "%llx", static_cast<unsigned long long>(h.layout_hash));
+    buffers = " in " + std::to_string(h.num_buffers) + " buffers (layout " + hash + ")";
+  }
   return "call " + std::to_string(h.call_id) + " (" + std::to_string(h.count) + " elements of " +
-         DtypeName(static_cast<ffi::DataType>(h.dtype)) + ", " +
+         DtypeName(static_cast<ffi::DataType>(h.dtype)) + buffers + ", " +
          (h.op >= 0 && h.op <= 2 ? kOps[h.op] : "op ?") + ")";
 }
 
@@ -259,7 +262,8 @@ ffi::Error RunLarge(const Call& c, const Plan& plan, int64_t rank, bool cross, i
   }
   if (ok && cross) {
     t2 = Clock::now();  // for the counters the MPI exchange counts as reduce-scatter
-    ProcessHeader header{call_id, count, c.desc.dtype, static_cast<int64_t>(c.op)};
+    const ProcessHeader header{call_id, count, c.desc.dtype, static_cast<int64_t>(c.op),
+                               c.desc.num_buffers, c.desc.layout_hash};
     if (!MpiAllreduce(rank, site.proc_buf.data(), mine.size(), sizeof(A), static_cast<int>(c.op),
                       &ReduceAccum<A>, site.proc_plan, header, &DescribeHeader, c.deadline,
                       &site.proc_scratch, &error)) {
@@ -283,9 +287,165 @@ ffi::Error RunLarge(const Call& c, const Plan& plan, int64_t rank, bool cross, i
   return ffi::Error::Success();
 }
 
+// A plan whose groups span processes (a flat spec over all devices of all processes, or
+// any grid that does not split at a process boundary): every stage of DDL's schedule
+// exchanges with its group peers, the local ones through shared memory, the remote ones
+// over MPI (a stream per pair of device threads). Reduce-scatter stage by stage: a rank
+// receives the remote copies of the slice it owns next and reduces them with the local
+// copies in group order, so every process gets the bits one process would. At the last
+// stage the owner writes its final slice into the outputs of its local group peers; the
+// all-gather then runs the stages in reverse, remote slices over MPI, local ones copied
+// from the peers' outputs.
+template <typename T>
+ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
+  using A = typename AccumOf<T>::type;
+  constexpr bool kSameAcc = std::is_same_v<A, T>;
+  SiteState& site = *c.site;
+  const Plan& plan = *c.plan;
+  const ProcessLayout& pl = MpiLayout();
+  const int64_t slots = pl.slots, base = pl.process * slots, me = c.rank;
+  const int64_t count = c.desc.count;
+  const auto& offsets = *c.offsets;
+  const int stages = plan.num_stages();
+  const bool scratch = !kSameAcc && stages > 1;
+  if (scratch) site.inter.resize(count * sizeof(A));
+  Member m{c.device, c.desc, site.inputs.data(), site.outputs.data(),
+           scratch ? site.inter.data() : nullptr, nullptr};
+
+  const auto t0 = Clock::now();
+  Rendezvous* r = Registry::Get().Join(c.key, slots, *c.context);
+  Failure error;
+  auto fail = [&](bool mpi) {
+    if (mpi) {
+      error.message = *c.context + ", local slot " + std::to_string(slot) + ": " + error.message;
+    }
+    Registry::Get().Leave(r);
+    return FailRendezvous(error);
+  };
+  if (!r->Arrive(slot, m, c.deadline, &error)) return fail(false);
+  const ProcessHeader header{call_id, count, c.desc.dtype, static_cast<int64_t>(c.op),
+                             c.desc.num_buffers, c.desc.layout_hash};
+  if (!MpiHandshake(slot, site.handshake_procs, header, &DescribeHeader, c.deadline, &error)) {
+    return fail(true);
+  }
+  const auto t1 = Clock::now();
+  auto local = [&](int64_t q) { return q >= base && q < base + slots; };
+  auto input_view = [&](int64_t q) { return View{r->member(q - base).inputs, nullptr, sizeof(T)}; };
+  auto output_view = [&](int64_t q) { return View{r->member(q - base).outputs, nullptr, sizeof(T)}; };
+  auto inter_view = [&](int64_t q) {
+    return scratch ? View{nullptr, r->member(q - base).inter, sizeof(A)} : output_view(q);
+  };
+  // Posts one message per piece of `range` (buffers split it where they split everywhere).
+  auto post = [&](bool send, int64_t q, const View& v, Range range) {
+    ForEachPiece(offsets, range, [&](int64_t seg, int64_t begin, int64_t len) {
+      char* p = v.At(offsets.data(), seg, begin);
+      if (send) {
+        MpiPostSend(slot, q / slots, q % slots, p, len * v.elem);
+      } else {
+        MpiPostRecv(slot, q / slots, q % slots, p, len * v.elem);
+      }
+    });
+  };
+
+  int phase = 1;
+  for (int s = 0; s < stages; ++s) {
+    const int64_t k = plan.dim(s);
+    const bool last = s == stages - 1;
+    const bool src_acc = s > 0 && scratch;
+    const int64_t es = src_acc ? sizeof(A) : sizeof(T);
+    const Range mine = plan.Region(me, s + 1, count);
+    int64_t remote = 0;
+    for (int64_t g = 0; g < k; ++g) remote += !local(plan.Peer(me, s, g));
+    if (site.recv_buf.size() < static_cast<size_t>(remote * mine.size() * es)) {
+      site.recv_buf.resize(remote * mine.size() * es);
+    }
+    // Remote copies of my slice land in recv_buf, one contiguous block per remote peer.
+    for (int64_t g = 0, i = 0; g < k; ++g) {
+      const int64_t q = plan.Peer(me, s, g);
+      if (local(q)) continue;
+      post(false, q, View{nullptr, site.recv_buf.data() + i * mine.size() * es, es, mine.begin},
+           mine);
+      post(true, q, s == 0 ? input_view(me) : inter_view(me), plan.Region(q, s + 1, count));
+      ++i;
+    }
+    if (remote > 0 && !MpiWait(c.deadline, "cross-process reduce-scatter", &error)) {
+      return fail(true);
+    }
+    ForEachPiece(offsets, mine, [&](int64_t seg, int64_t begin, int64_t len) {
+      int64_t n_dst = 0;
+      for (int64_t g = 0, i = 0; g < k; ++g) {
+        const int64_t q = plan.Peer(me, s, g);
+        if (local(q)) {
+          const View v = s == 0 ? input_view(q) : inter_view(q);
+          site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
+          if (last) site.dst_ptrs[n_dst++] = output_view(q).At(offsets.data(), seg, begin);
+        } else {
+          site.peer_ptrs[g] = site.recv_buf.data() + (i * mine.size() + begin - mine.begin) * es;
+          ++i;
+        }
+      }
+      char* inter_dst = last ? nullptr : inter_view(me).At(offsets.data(), seg, begin);
+      char** dsts = last ? site.dst_ptrs.data() : &inter_dst;
+      if (!last) n_dst = 1;
+      if (last && src_acc) {
+        ReduceDispatch<A, A, T>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+      } else if (last) {
+        ReduceDispatch<A, T, T>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+      } else if (src_acc) {
+        ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+      } else {
+        ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+      }
+    });
+    // After the last stage no local peer reads what this rank writes next (the remote
+    // slices of its output), so only the earlier stages need a barrier.
+    if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error)) {
+      return fail(false);
+    }
+  }
+  const auto t2 = Clock::now();
+  for (int s = stages - 1; s >= 0; --s) {
+    const int64_t k = plan.dim(s);
+    const Range mine = plan.Region(me, s + 1, count);
+    bool remote = false;
+    for (int64_t g = 0; g < k; ++g) {
+      const int64_t q = plan.Peer(me, s, g);
+      if (q == me || local(q)) continue;
+      post(false, q, output_view(me), plan.Region(q, s + 1, count));
+      post(true, q, output_view(me), mine);
+      remote = true;
+    }
+    // The last stage's local slices were written by their owners; earlier stages copy
+    // them from the local peers' outputs, complete since the previous barrier.
+    if (s < stages - 1) {
+      for (int64_t g = 0; g < k; ++g) {
+        const int64_t q = plan.Peer(me, s, g);
+        if (q == me || !local(q)) continue;
+        const View from = output_view(q), to = output_view(me);
+        ForEachPiece(offsets, plan.Region(q, s + 1, count),
+                     [&](int64_t seg, int64_t begin, int64_t len) {
+          std::memcpy(to.At(offsets.data(), seg, begin), from.At(offsets.data(), seg, begin),
+                      len * sizeof(T));
+        });
+      }
+    }
+    if (remote && !MpiWait(c.deadline, "cross-process all-gather", &error)) return fail(true);
+    if (!r->Barrier(slot, phase++, s == 0 ? "exit" : "all-gather", c.deadline, &error)) {
+      return fail(false);
+    }
+  }
+  Registry::Get().Leave(r);
+  Counters& k = GetCounters();
+  k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
+  k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
+  k.broadcast_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
+  return ffi::Error::Success();
+}
+
 template <typename T>
 ffi::Error RunTyped(const Call& c, int64_t local_rank, int64_t call_id) {
   if (c.site->cross) return RunLarge<T>(c, c.site->local_plan, local_rank, true, call_id);
+  if (c.site->spanning) return RunSpanning<T>(c, local_rank, call_id);
   if (c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.small_bytes) return RunSmall<T>(c);
   return RunLarge<T>(c, *c.plan, c.rank, false, call_id);
 }
@@ -342,10 +502,11 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
       site.plan_dims.clear();
       return Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error);
     }
-    site.cross = false;
+    site.cross = site.spanning = false;
     const ProcessLayout& pl = MpiLayout();
     if (MpiAttached() && pl.processes > 1 && ranks == pl.slots * pl.processes) {
-      // Local dimensions first: a prefix of the grid that multiplies to the local devices.
+      // DDL's hierarchy when the grid splits at the process boundary: leading dimensions
+      // that multiply to the local devices (shared memory), the rest over processes (MPI).
       std::vector<int64_t> local_dims, proc_dims;
       int64_t prod = 1;
       size_t i = 0;
@@ -354,19 +515,30 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
         local_dims.push_back(site.plan_dims[i]);
       }
       proc_dims.assign(site.plan_dims.begin() + i, site.plan_dims.end());
-      if (prod != pl.slots) {
-        site.plan_dims.clear();
-        return Fail(ffi::ErrorCode::kInvalidArgument,
-                    "jax_ddl_allreduce: topology " + FormatTopology(dims_vec(dims)) +
-                        " must start with dimensions that multiply to the " +
-                        std::to_string(pl.slots) + " devices of each process (e.g. " +
-                        std::to_string(pl.slots) + "x" + std::to_string(pl.processes) + ")");
+      if (prod == pl.slots) {
+        if (local_dims.empty()) local_dims.push_back(1);
+        if (proc_dims.empty()) proc_dims.push_back(1);
+        Plan::Make(local_dims, pl.slots, &site.local_plan, &error);
+        Plan::Make(proc_dims, pl.processes, &site.proc_plan, &error);
+        site.cross = true;
+      } else {
+        // Groups span processes (e.g. a flat spec): the whole plan, stage by stage. The
+        // header goes to every process any local rank exchanges with; that relation is
+        // symmetric, so every handshake has its partner.
+        site.spanning = true;
+        site.handshake_procs.clear();
+        for (int64_t q = pl.process * pl.slots; q < (pl.process + 1) * pl.slots; ++q) {
+          for (int st = 0; st < site.plan.num_stages(); ++st) {
+            for (int64_t g = 0; g < site.plan.dim(st); ++g) {
+              const int64_t p = site.plan.Peer(q, st, g) / pl.slots;
+              if (p != pl.process) site.handshake_procs.push_back(p);
+            }
+          }
+        }
+        auto& hp = site.handshake_procs;
+        std::sort(hp.begin(), hp.end());
+        hp.erase(std::unique(hp.begin(), hp.end()), hp.end());
       }
-      if (local_dims.empty()) local_dims.push_back(1);
-      if (proc_dims.empty()) proc_dims.push_back(1);
-      Plan::Make(local_dims, pl.slots, &site.local_plan, &error);
-      Plan::Make(proc_dims, pl.processes, &site.proc_plan, &error);
-      site.cross = true;
     }
     site.peer_ptrs.assign(ranks, nullptr);
     site.dst_ptrs.assign(ranks, nullptr);
@@ -383,7 +555,7 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
   }
 
   int64_t local_rank = rank;
-  if (site.cross) {
+  if (site.cross || site.spanning) {
     const ProcessLayout& pl = MpiLayout();
     local_rank = rank - pl.process * pl.slots;
     if (local_rank < 0 || local_rank >= pl.slots) {

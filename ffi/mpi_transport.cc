@@ -62,25 +62,45 @@ bool Bind(void* lib, const char* name, F* fn, std::string* error) {
 }
 
 constexpr int kHeaderTag = 7100;
-constexpr int kDataTag = 7200;  // + stage (reduce-scatter) or + 100 + stage (all-gather)
+constexpr int kDataTag = 7200;   // + stage (reduce-scatter) or + 100 + stage (all-gather)
+constexpr int kPairTag = 10000;  // + sending slot: streams between device threads
+constexpr int64_t kMaxSlots = 20000;  // kPairTag + slot stays below MPI's minimum tag bound
 
-// One outstanding exchange: sends and receives with the peer process each belongs to.
+// The calling thread's outstanding requests, with the peer process each belongs to.
 struct Exchange {
   std::vector<MPI_Request> reqs;
   std::vector<int64_t> peer;  // process rank per request
   std::vector<bool> is_recv;
   std::vector<bool> done;
+  std::string error;  // the first failure to post, reported by Wait
 
-  void Add(MPI_Request r, int64_t p, bool recv) {
+  void Add(int rc, MPI_Request r, int64_t p, bool recv, const char* what) {
+    if (rc != MPI_SUCCESS) {
+      if (error.empty()) {
+        error = std::string("MPI error ") + std::to_string(rc) + " posting a " + what +
+                " with process " + std::to_string(p);
+      }
+      return;
+    }
     reqs.push_back(r);
     peer.push_back(p);
     is_recv.push_back(recv);
+  }
+
+  void Fail(const std::string& why) {
+    if (error.empty()) error = why;
   }
 
   // Waits for every request until `deadline`, polling (a blocking wait cannot time out).
   // On expiry cancels what is left and names the processes whose messages never came.
   bool Wait(Clock::time_point deadline, const char* stage, Failure* failure) {
     done.assign(reqs.size(), false);
+    if (!error.empty()) {
+      failure->deadline = false;
+      failure->message = error + " (" + stage + ")";
+      Abandon();
+      return false;
+    }
     size_t left = reqs.size();
     auto pause = std::chrono::microseconds(5);
     while (left > 0) {
@@ -93,7 +113,7 @@ struct Exchange {
           failure->deadline = false;
           failure->message = std::string("MPI error ") + std::to_string(rc) + " during the " +
                              stage + " with process " + std::to_string(peer[i]);
-          Abandon(done);
+          Abandon();
           return false;
         }
         if (flag) {
@@ -114,7 +134,7 @@ struct Exchange {
         failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
                            ") never arrived at the " + stage +
                            " (data from them did not come before the deadline)";
-        Abandon(done);
+        Abandon();
         return false;
       }
       if (progressed) {
@@ -130,17 +150,21 @@ struct Exchange {
     return true;
   }
 
-  void Abandon(const std::vector<bool>& done) {
+  void Abandon() {
     for (size_t i = 0; i < reqs.size(); ++i) {
-      if (done[i] || reqs[i] == MPI_REQUEST_NULL) continue;
+      if ((i < done.size() && done[i]) || reqs[i] == MPI_REQUEST_NULL) continue;
       if (is_recv[i]) g_api.cancel(&reqs[i]);
       g_api.request_free(&reqs[i]);
     }
     reqs.clear();
     peer.clear();
     is_recv.clear();
+    error.clear();
   }
 };
+
+// Per device thread and kept across calls: no allocation once warm.
+thread_local Exchange t_ex;
 
 bool CheckBytes(int64_t bytes, Failure* failure) {
   if (bytes <= INT_MAX) return true;
@@ -180,6 +204,10 @@ bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_
              std::to_string(provided) + "); jax_ddl's device threads call it concurrently";
     return false;
   }
+  if (static_cast<int64_t>(comm_handles.size()) > kMaxSlots) {
+    *error = "at most " + std::to_string(kMaxSlots) + " local devices per process can attach";
+    return false;
+  }
   g_comms.clear();
   for (int64_t h : comm_handles) g_comms.push_back(static_cast<MPI_Comm>(h));
   g_api = api;
@@ -189,6 +217,86 @@ bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_
 #else
   *error = "this build of jax_ddl has no MPI transport (no MPI headers were found when it "
            "was built); reinstall with the mpich package present";
+  return false;
+#endif
+}
+
+bool MpiHandshake(int64_t slot, const std::vector<int64_t>& processes,
+                  const ProcessHeader& header, DescribeFn describe, Clock::time_point deadline,
+                  Failure* failure) {
+#if JAX_DDL_HAVE_MPI
+  if (!g_attached || slot < 0 || slot >= static_cast<int64_t>(g_comms.size())) {
+    failure->message = "no MPI communicator for local slot " + std::to_string(slot);
+    return false;
+  }
+  MPI_Comm comm = g_comms[slot];
+  thread_local std::vector<ProcessHeader> theirs;
+  theirs.assign(processes.size(), ProcessHeader{});
+  for (size_t i = 0; i < processes.size(); ++i) {
+    const int p = static_cast<int>(processes[i]);
+    MPI_Request r;
+    int rc = g_api.irecv(&theirs[i], sizeof(ProcessHeader), MPI_BYTE, p, kHeaderTag, comm, &r);
+    t_ex.Add(rc, r, p, true, "header receive");
+    rc = g_api.isend(&header, sizeof(ProcessHeader), MPI_BYTE, p, kHeaderTag, comm, &r);
+    t_ex.Add(rc, r, p, false, "header send");
+  }
+  if (!t_ex.Wait(deadline, "cross-process handshake", failure)) return false;
+  for (size_t i = 0; i < processes.size(); ++i) {
+    if (!(theirs[i] == header)) {
+      failure->deadline = false;
+      failure->message = "processes disagree on the call: this process has " +
+                         describe(header) + ", process " + std::to_string(processes[i]) +
+                         " has " + describe(theirs[i]) +
+                         "; every process must run the same program on the same shapes";
+      return false;
+    }
+  }
+  return true;
+#else
+  failure->message = "this build of jax_ddl has no MPI transport";
+  return false;
+#endif
+}
+
+void MpiPostSend(int64_t my_slot, int64_t process, int64_t slot, const char* data,
+                 int64_t bytes) {
+#if JAX_DDL_HAVE_MPI
+  if (bytes > INT_MAX) {
+    t_ex.Fail("a message of " + std::to_string(bytes) +
+              " bytes exceeds MPI's int count; reduce fewer bytes per call");
+    return;
+  }
+  MPI_Request r;
+  const int rc = g_api.isend(data, static_cast<int>(bytes), MPI_BYTE, static_cast<int>(process),
+                             kPairTag + static_cast<int>(my_slot), g_comms[slot], &r);
+  t_ex.Add(rc, r, process, false, "send");
+#else
+  (void)my_slot, (void)process, (void)slot, (void)data, (void)bytes;
+#endif
+}
+
+void MpiPostRecv(int64_t my_slot, int64_t process, int64_t slot, char* data, int64_t bytes) {
+#if JAX_DDL_HAVE_MPI
+  if (bytes > INT_MAX) {
+    t_ex.Fail("a message of " + std::to_string(bytes) +
+              " bytes exceeds MPI's int count; reduce fewer bytes per call");
+    return;
+  }
+  MPI_Request r;
+  const int rc = g_api.irecv(data, static_cast<int>(bytes), MPI_BYTE, static_cast<int>(process),
+                             kPairTag + static_cast<int>(slot), g_comms[my_slot], &r);
+  t_ex.Add(rc, r, process, true, "receive");
+#else
+  (void)my_slot, (void)process, (void)slot, (void)data, (void)bytes;
+#endif
+}
+
+bool MpiWait(Clock::time_point deadline, const char* stage, Failure* failure) {
+#if JAX_DDL_HAVE_MPI
+  return t_ex.Wait(deadline, stage, failure);
+#else
+  (void)deadline, (void)stage;
+  failure->message = "this build of jax_ddl has no MPI transport";
   return false;
 #endif
 }
@@ -203,40 +311,19 @@ bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, Red
   }
   MPI_Comm comm = g_comms[slot];
   const int64_t me = g_layout.process;
-  // Per device thread and kept across calls: no allocation once warm.
-  thread_local Exchange ex;
+  Exchange& ex = t_ex;
   thread_local std::vector<int64_t> peers;
-  thread_local std::vector<ProcessHeader> theirs;
   thread_local std::vector<const char*> srcs;
-  peers.clear();
 
   // Headers first: every peer of every stage must be running the same call.
+  peers.clear();
   for (int s = 0; s < plan.num_stages(); ++s) {
     for (int64_t g = 0; g < plan.dim(s); ++g) {
       const int64_t q = plan.Peer(me, s, g);
       if (q != me) peers.push_back(q);
     }
   }
-  theirs.assign(peers.size(), ProcessHeader{});
-  for (size_t i = 0; i < peers.size(); ++i) {
-    MPI_Request r;
-    g_api.irecv(&theirs[i], sizeof(ProcessHeader), MPI_BYTE, static_cast<int>(peers[i]),
-                kHeaderTag, comm, &r);
-    ex.Add(r, peers[i], true);
-    g_api.isend(&header, sizeof(ProcessHeader), MPI_BYTE, static_cast<int>(peers[i]),
-                kHeaderTag, comm, &r);
-    ex.Add(r, peers[i], false);
-  }
-  if (!ex.Wait(deadline, "cross-process handshake", failure)) return false;
-  for (size_t i = 0; i < peers.size(); ++i) {
-    if (!(theirs[i] == header)) {
-      failure->message = "processes disagree on the call: this process has " +
-                         describe(header) + ", process " + std::to_string(peers[i]) +
-                         " has " + describe(theirs[i]) +
-                         "; every process must run the same program on the same shapes";
-      return false;
-    }
-  }
+  if (!MpiHandshake(slot, peers, header, describe, deadline, failure)) return false;
 
   // Reduce-scatter, stage by stage: receive every group peer's copy of the slice this
   // process owns next, reduce the copies in group order.
@@ -253,13 +340,13 @@ bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, Red
       if (q == me) continue;
       const Range theirs_r = plan.Region(q, s + 1, n);
       MPI_Request r;
-      g_api.irecv(scratch->data() + slot_i * mine.size() * elem,
-                  static_cast<int>(mine.size() * elem), MPI_BYTE, static_cast<int>(q),
-                  kDataTag + s, comm, &r);
-      ex.Add(r, q, true);
-      g_api.isend(data + theirs_r.begin * elem, static_cast<int>(theirs_r.size() * elem),
-                  MPI_BYTE, static_cast<int>(q), kDataTag + s, comm, &r);
-      ex.Add(r, q, false);
+      int rc = g_api.irecv(scratch->data() + slot_i * mine.size() * elem,
+                           static_cast<int>(mine.size() * elem), MPI_BYTE, static_cast<int>(q),
+                           kDataTag + s, comm, &r);
+      ex.Add(rc, r, q, true, "receive");
+      rc = g_api.isend(data + theirs_r.begin * elem, static_cast<int>(theirs_r.size() * elem),
+                       MPI_BYTE, static_cast<int>(q), kDataTag + s, comm, &r);
+      ex.Add(rc, r, q, false, "send");
       ++slot_i;
     }
     if (!ex.Wait(deadline, "cross-process reduce-scatter", failure)) return false;
@@ -287,17 +374,19 @@ bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, Red
       if (q == me) continue;
       const Range theirs_r = plan.Region(q, s + 1, n);
       MPI_Request r;
-      g_api.irecv(data + theirs_r.begin * elem, static_cast<int>(theirs_r.size() * elem),
-                  MPI_BYTE, static_cast<int>(q), kDataTag + 100 + s, comm, &r);
-      ex.Add(r, q, true);
-      g_api.isend(data + mine.begin * elem, static_cast<int>(mine.size() * elem), MPI_BYTE,
-                  static_cast<int>(q), kDataTag + 100 + s, comm, &r);
-      ex.Add(r, q, false);
+      int rc = g_api.irecv(data + theirs_r.begin * elem, static_cast<int>(theirs_r.size() * elem),
+                           MPI_BYTE, static_cast<int>(q), kDataTag + 100 + s, comm, &r);
+      ex.Add(rc, r, q, true, "receive");
+      rc = g_api.isend(data + mine.begin * elem, static_cast<int>(mine.size() * elem), MPI_BYTE,
+                       static_cast<int>(q), kDataTag + 100 + s, comm, &r);
+      ex.Add(rc, r, q, false, "send");
     }
     if (!ex.Wait(deadline, "cross-process all-gather", failure)) return false;
   }
   return true;
 #else
+  (void)slot, (void)data, (void)n, (void)elem, (void)op, (void)reduce, (void)plan,
+      (void)header, (void)describe, (void)deadline, (void)scratch;
   failure->message = "this build of jax_ddl has no MPI transport";
   return false;
 #endif

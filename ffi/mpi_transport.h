@@ -21,8 +21,11 @@ struct ProcessHeader {
   int64_t count = 0;  // elements of the whole call (all buffers)
   int64_t dtype = 0;
   int64_t op = 0;
+  int64_t num_buffers = 0;
+  int64_t layout_hash = 0;  // of the per-buffer element counts: where messages split
   bool operator==(const ProcessHeader& o) const {
-    return call_id == o.call_id && count == o.count && dtype == o.dtype && op == o.op;
+    return call_id == o.call_id && count == o.count && dtype == o.dtype && op == o.op &&
+           num_buffers == o.num_buffers && layout_hash == o.layout_hash;
   }
 };
 
@@ -47,6 +50,23 @@ bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_
 
 // Whether this build has the transport (MPI headers were found at build time).
 bool MpiCompiledIn();
+
+// Exchanges `header` with the same slot of each of `processes` (the list must be
+// symmetric: q lists this process when it is listed here) and compares. Fails naming the
+// processes that never answered by `deadline`, or describing both sides of a mismatch.
+bool MpiHandshake(int64_t slot, const std::vector<int64_t>& processes,
+                  const ProcessHeader& header, DescribeFn describe, Clock::time_point deadline,
+                  Failure* failure);
+
+// Point-to-point streams between device threads of different processes, for plans whose
+// groups span processes. A message to (process p, slot l) travels on slot l's
+// communicator tagged with the sending slot, so each ordered pair of device threads has
+// its own stream, and messages match in the order they were posted. Posted requests are
+// kept per calling thread until MpiWait, which completes them all (or fails by
+// `deadline`, naming the processes whose messages never came).
+void MpiPostSend(int64_t my_slot, int64_t process, int64_t slot, const char* data, int64_t bytes);
+void MpiPostRecv(int64_t my_slot, int64_t process, int64_t slot, char* data, int64_t bytes);
+bool MpiWait(Clock::time_point deadline, const char* stage, Failure* failure);
 
 // Allreduce across processes, in place on `data` (n elements of `elem` bytes), on slot
 // `slot`'s communicator: reduce-scatter over `plan`'s dimensions (ranks = processes), then

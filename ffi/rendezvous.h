@@ -123,6 +123,11 @@ struct SiteState {
   bool cross = false;
   Plan local_plan, proc_plan;
   std::vector<char> proc_buf, proc_scratch;
+  // Across processes with groups that span them (e.g. a flat spec): the whole plan runs
+  // stage by stage, local peers in shared memory and remote ones over MPI.
+  bool spanning = false;
+  std::vector<int64_t> handshake_procs;  // processes any local rank exchanges with
+  std::vector<char> recv_buf;
 };
 
 // The site state of (device, call_id); created on first use.

@@ -42,11 +42,14 @@ def test_small_run_counts_no_wrong_elements(dtype, op, tmp_path, monkeypatch):
     result, wrong = bench.run(args, out=out)
     text = out.getvalue()
     assert wrong == 0 and "out of bounds values: 0 OK" in text
-    assert [r["impl"] for r in result["rows"]] == ["jax_ddl", "lax.psum"] * 3
+    # A 2-dimensional topology brings the flat one beside it.
+    assert [r["impl"] for r in result["rows"]] == ["jax_ddl", "ddl-flat", "lax.psum"] * 3
+    assert result["settings"]["topology"] == "2x4"
     row = result["rows"][0]
     assert row["oop"]["wrong"] == 0 and row["ip"]["time_us"] > 0
     assert row["oop"]["busbw_GBps"] == pytest.approx(row["oop"]["algbw_GBps"] * 2 * 7 / 8)
-    assert "x_lax" in row["oop"]
+    assert "x_lax" in row["oop"] and "x_flat" in row["ip"]
+    assert "# topology 2x4 against flat 8" in text
     assert result["bandwidth_Bps"]["start"] > 0
 
 

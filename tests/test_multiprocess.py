@@ -41,7 +41,13 @@ def run_mpi(n, *args, timeout=300, env=None, launcher=(), shell=False, cwd=ROOT)
 
 
 @pytest.mark.parametrize(
-    "procs, local, topologies", [(2, 4, ["4x2", "2x2x2"]), (4, 2, ["2x4", "2x2x2"])]
+    "procs, local, topologies",
+    [
+        (2, 4, ["4x2", "2x2x2", "8", "2x4"]),
+        (4, 2, ["2x4", "2x2x2", "8", "4x2"]),
+        # 3 processes: with "3x2" the processes a device exchanges with differ by device.
+        (3, 2, ["2x3", "6", "3x2"]),
+    ],
 )
 def test_collectives_across_and_inside_processes(procs, local, topologies):
     program = ROOT / "tests" / "mpi_programs" / "collectives.py"
@@ -113,16 +119,20 @@ def test_training_two_processes_matches_one(tmp_path, allreduce):
         assert "in jax_ddl:" in multi.stdout
 
 
-@pytest.mark.parametrize("mode", ["skip", "kill", "shape"])
-def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mode):
+@pytest.mark.parametrize(
+    "mode, topology", [("skip", None), ("kill", None), ("shape", None), ("kill", "4"), ("shape", "4")]
+)
+def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mode, topology):
     """Process 1 never calls (skip), dies by SIGKILL (kill) or reduces another shape
-    (shape): process 0 fails with a message naming it, within JAX_DDL_TIMEOUT."""
+    (shape): process 0 fails with a message naming it, within JAX_DDL_TIMEOUT. With the
+    default topology (DDL's hierarchy) and the flat one (groups spanning processes)."""
     timeout_s = 5
     r = run_mpi(
         2,
         ROOT / "tests" / "mpi_programs" / "failures.py",
         mode,
         2,
+        *([topology] if topology else []),
         env={"JAX_DDL_TIMEOUT": str(timeout_s)},
         # Keep the survivors running when a process dies, so they can report.
         launcher=("-disable-auto-cleanup",),
@@ -134,6 +144,7 @@ def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mod
     }
     assert 0 in failed, r.stdout[-3000:] + r.stderr[-3000:]
     seconds, message = failed[0]
+    assert f"topology {topology or '2x2'}," in message
     if mode == "shape":
         assert "processes disagree on the call" in message
         assert "(4096 elements of float32, sum), process 1 has call" in message
@@ -145,7 +156,7 @@ def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mod
         assert timeout_s - 0.5 <= seconds <= timeout_s + 5
 
 
-def test_benchmark_under_mpiexec_puts_jax_ddl_beside_gloo_and_raw_mpi(tmp_path):
+def test_benchmark_under_mpiexec_puts_jax_ddl_beside_flat_gloo_and_raw_mpi(tmp_path):
     out = tmp_path / "bench.json"
     r = run_mpi(
         2,
@@ -171,7 +182,8 @@ def test_benchmark_under_mpiexec_puts_jax_ddl_beside_gloo_and_raw_mpi(tmp_path):
     result = json.loads(out.read_text())
     assert result["settings"]["processes"] == 2 and result["settings"]["devices"] == 4
     rows = result["rows"]
-    assert {x["impl"] for x in rows} == {"jax_ddl", "lax.psum", "mpi"}
+    assert result["settings"]["topology"] == "2x2"
+    assert {x["impl"] for x in rows} == {"jax_ddl", "ddl-flat", "lax.psum", "mpi"}
     assert [x["size"] for x in rows if x["impl"] == "mpi"] == [1024, 8192]
     for x in rows:  # every result checked against the known sum, on every process
         assert x["oop"]["wrong"] == 0 and x["ip"]["wrong"] == 0

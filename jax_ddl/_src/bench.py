@@ -77,7 +77,10 @@ def parse_args(argv=None):
         "mpiexec: per process)",
     )
     p.add_argument(
-        "--topology", default=None, help='jax_ddl topology, e.g. "2x4" (default: derived)'
+        "--topology",
+        default=None,
+        help='jax_ddl topology, e.g. "2x4" (default: local devices x processes, flat in one '
+        "process); when it has several dimensions, a flat jax_ddl row (ddl-flat) runs beside it",
     )
     p.add_argument(
         "--modes", default="oop,ip", help="comma list of oop (out-of-place), ip (in-place)"
@@ -135,14 +138,15 @@ class Harness:
 
         from jax_ddl._src.collectives import allreduce
 
-        if impl == "jax_ddl":
+        if impl in ("jax_ddl", "ddl-flat"):
+            topology = self.args.topology if impl == "jax_ddl" else self.n
 
             def body(v):
                 return allreduce(
                     v,
                     "i",
                     op=op,
-                    topology=self.args.topology,
+                    topology=topology,
                     inplace=(mode == "ip"),
                     api="jax_ddl.bench",
                 )
@@ -220,13 +224,21 @@ def run(args, out=sys.stdout):
     import jax.numpy as jnp
     import numpy as np
 
+    from jax_ddl._src import topology as _topology
+
     h = Harness(args)
+    try:
+        grid = _topology.resolve(args.topology, h.n, "jax_ddl.bench", ("i",))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     dtype = jnp.dtype(args.datatype)
     elem = dtype.itemsize
     bw_start, threads = measure_bandwidth()
     if jax.process_index() != 0:  # every process measures; the first one reports
         out = open(os.devnull, "w")
     impls = ["jax_ddl", "lax.psum"]
+    if len(grid) > 1:  # topology-aware: the flat spec on the same devices, to compare
+        impls.insert(1, "ddl-flat")
     if h.procs > 1 and args.datatype in MPI_DTYPES:
         # Across processes, also a raw MPI_Allreduce (mpi4py) of one buffer per process:
         # with one device per process, the same bytes jax_ddl and gloo reduce.
@@ -237,7 +249,7 @@ def run(args, out=sys.stdout):
         "platform": h.devices[0].platform,
         "dtype": args.datatype,
         "op": args.op,
-        "topology": args.topology or "default",
+        "topology": _topology.format(grid),
         "iters": args.iters,
         "warmup": args.warmup,
         "jax": jax.__version__,
@@ -330,11 +342,26 @@ def run(args, out=sys.stdout):
                     ratio = med["lax.psum", mode] / med[impl, mode]
                     row[mode]["x_lax"] = ratio
                     text += f" {ratio:>9.2f}"
+            if impl == "jax_ddl" and "ddl-flat" in impls:
+                for mode in args.modes:
+                    row[mode]["x_flat"] = med["ddl-flat", mode] / med[impl, mode]
             rows.append(row)
             print(text, file=out, flush=True)
         del fns
     bw_end, _ = measure_bandwidth()
     print(f"# memory bandwidth at end of run: {bw_end / 1e9:.2f} GB/s", file=out)
+    if "ddl-flat" in impls:
+        ratios = " ".join(
+            f"{r['size']}: "
+            + " / ".join(f"{r[m]['x_flat']:.2f}" for m in args.modes)
+            for r in rows
+            if r["impl"] == "jax_ddl"
+        )
+        print(
+            f"# topology {_topology.format(grid)} against flat {h.n} (flat time / jax_ddl time, "
+            f"{' / '.join(args.modes)}) by size: {ratios}",
+            file=out,
+        )
     total_wrong = sum(r[m]["wrong"] for r in rows for m in args.modes)
     for impl in impls:
         avg = [r[m]["busbw_GBps"] for r in rows if r["impl"] == impl for m in args.modes]

@@ -246,10 +246,9 @@ def _check_dtype(x, api: str, path) -> np.dtype:
     return dtype
 
 
-def _check_processes(size: int, dims: tuple, api: str, axes: tuple) -> None:
+def _check_processes(size: int, api: str, axes: tuple) -> None:
     """At trace time: a reduction whose ranks span processes needs the MPI transport
-    (jax_ddl.distributed.initialize), all devices of all processes, and a topology whose
-    leading dimensions cover one process's devices."""
+    (jax_ddl.distributed.initialize) and all devices of all processes."""
     local, procs = jax.local_device_count(), jax.process_count()
     if procs == 1 or size <= local:
         return
@@ -269,17 +268,6 @@ def _check_processes(size: int, dims: tuple, api: str, axes: tuple) -> None:
             f"{api}: axes {list(axes)} span {size} of the {local * procs} devices; across "
             f"processes jax_ddl reduces over all devices of all processes so far (reduce "
             f"over a within-process axis with jax_ddl and the rest with jax.lax)."
-        )
-    prefix = 1
-    for d in dims:
-        if prefix >= local:
-            break
-        prefix *= d
-    if prefix != local:
-        raise ValueError(
-            f"{api}: topology {_topology.format(dims)} must start with dimensions that "
-            f"multiply to the {local} devices of each process, then the {procs} processes "
-            f"(e.g. '{local}x{procs}')"
         )
 
 
@@ -329,7 +317,7 @@ def allreduce(
     sizes = compat.mesh_axis_sizes()
     size = math.prod(sizes[a] for a in mesh_axes)
     dims = _topology.resolve(topology, size, api, mesh_axes)
-    _check_processes(size, dims, api, mesh_axes)
+    _check_processes(size, api, mesh_axes)
     vma = compat.check_vma_enabled()
 
     out = list(leaves)

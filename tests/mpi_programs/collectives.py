@@ -2,11 +2,14 @@
 
 Every process checks its own results against numpy of the global data (integer-valued,
 so every sum is exact): jax.lax.psum across processes (gloo); jax_ddl.psum across
-processes with every topology given on the command line; a pytree of several dtypes;
+processes with the default topology and every one given on the command line (those that
+split at the process boundary run DDL's hierarchy, the others, such as the flat spec,
+exchange with remote group peers stage by stage), also bitwise against float32 sums in
+the plan's order on random data; a pytree of several dtypes;
 pmean against jax.lax.pmean; grad; jax_ddl inside each process; and the refusal of an
 axis that mixes processes unsupportedly. Prints "OK <rank>" at the end.
 
-    mpiexec -n 2 python tests/mpi_programs/collectives.py 4 [4x2 2x2x2 ...]
+    mpiexec -n 2 python tests/mpi_programs/collectives.py 4 [4x2 2x2x2 8 ...]
 """
 
 import sys
@@ -56,12 +59,29 @@ x = global_array(glob)
 for got in rows(spmd(lambda v: jax.lax.psum(v, "i"))(x)):
     np.testing.assert_array_equal(got, want)
 
-results = []
+
+def plan_order_sum(data, dims):
+    """float32 sums in DDL's plan order: over the innermost dimension first, each group's
+    copies added in rank order. What jax_ddl computes, bit for bit, whichever ranks share
+    a process."""
+    acc = data.reshape(*reversed(dims), data.shape[-1])  # rank = c0 + d0 * (c1 + d1 * ...)
+    for _ in dims:
+        total = acc[..., 0, :].copy()
+        for j in range(1, acc.shape[-2]):
+            total = total + acc[..., j, :]
+        acc = total
+    return acc
+
+
+noise = np.random.default_rng(0).standard_normal((n, 4099)).astype(np.float32)
+noise_in = global_array(noise)
 for topo in topologies:
-    y = spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(x)
-    for got in rows(y):
+    # Integer-valued data: every sum exact. Random floats: the plan's order, bitwise.
+    for got in rows(spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(x)):
         np.testing.assert_array_equal(got, want, err_msg=f"topology {topo}")
-    results.append(rows(y)[0])
+    dims = (local, procs) if topo is None else tuple(int(d) for d in topo.split("x"))
+    for got in rows(spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(noise_in)):
+        np.testing.assert_array_equal(got, plan_order_sum(noise, dims), err_msg=f"topology {topo}")
 
 # A pytree of three dtypes: one call each, all exact.
 tree = {

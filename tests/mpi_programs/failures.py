@@ -1,5 +1,5 @@
-"""Run under mpiexec by tests/test_multiprocess.py: a cross-process jax_ddl.psum in which
-process 1 misbehaves, per argv[1]:
+"""Run under mpiexec by tests/test_multiprocess.py: a cross-process jax_ddl.psum (over the
+topology argv[3] if given, else the default) in which process 1 misbehaves, per argv[1]:
 
   skip   process 1 never calls it;
   shape  process 1 reduces a different number of elements;
@@ -17,6 +17,7 @@ import time
 import jax_ddl.distributed
 
 mode, local = sys.argv[1], int(sys.argv[2])
+topology = sys.argv[3] if len(sys.argv) > 3 else None
 info = jax_ddl.distributed.initialize(local_devices=local)
 
 import jax  # noqa: E402
@@ -36,7 +37,10 @@ x = jax.make_array_from_process_local_data(
 width = 4000 if (mode == "shape" and rank == 1) else 4096
 f = jax.jit(
     jax.shard_map(
-        lambda v: jax_ddl.psum(v[:, :width], "i"), mesh=mesh, in_specs=P("i"), out_specs=P("i")
+        lambda v: jax_ddl.psum(v[:, :width], "i", topology=topology),
+        mesh=mesh,
+        in_specs=P("i"),
+        out_specs=P("i"),
     )
 )
 compiled = f.lower(x).compile()  # compile first: the deadline then covers the call alone
