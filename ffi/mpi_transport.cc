@@ -63,6 +63,7 @@ bool Bind(void* lib, const char* name, F* fn, std::string* error) {
 
 constexpr int kHeaderTag = 7100;
 constexpr int kDataTag = 7200;   // + stage (reduce-scatter) or + 100 + stage (all-gather)
+constexpr int kDoneTag = 7500;   // all messages of a call are through
 constexpr int kPairTag = 10000;  // + sending slot: streams between device threads
 constexpr int64_t kMaxSlots = 20000;  // kPairTag + slot stays below MPI's minimum tag bound
 
@@ -383,7 +384,21 @@ bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, Red
     }
     if (!ex.Wait(deadline, "cross-process all-gather", failure)) return false;
   }
-  return true;
+  // MPI's progress is weak: a send may need its receiver to go on calling MPI after the
+  // receive completed. Before leaving, tell every peer all is through and wait for the
+  // same word back, so no process leaves while a peer's sends still need it.
+  static const char kDone = 1;
+  thread_local std::vector<char> words;
+  words.assign(peers.size(), 0);
+  for (size_t i = 0; i < peers.size(); ++i) {
+    MPI_Request r;
+    const int q = static_cast<int>(peers[i]);
+    int rc = g_api.irecv(&words[i], 1, MPI_BYTE, q, kDoneTag, comm, &r);
+    ex.Add(rc, r, q, true, "receive");
+    rc = g_api.isend(&kDone, 1, MPI_BYTE, q, kDoneTag, comm, &r);
+    ex.Add(rc, r, q, false, "send");
+  }
+  return ex.Wait(deadline, "cross-process completion", failure);
 #else
   (void)slot, (void)data, (void)n, (void)elem, (void)op, (void)reduce, (void)plan,
       (void)header, (void)describe, (void)deadline, (void)scratch;
