@@ -365,7 +365,8 @@ def psum(x, axis_name, *, topology=None):
         the last name fastest, as `jax.lax.axis_index` does).
       topology: the grid the ranks form, innermost (fastest link) first, e.g. "4x2" or
         (4, 2); its dimensions must multiply to the number of ranks reduced over.
-        Defaults to JAX_DDL_TOPOLOGY, else local devices per process then processes.
+        Defaults to JAX_DDL_TOPOLOGY, else, over all devices of several processes, local
+        devices x processes (x hosts, with several processes per host), else flat.
 
     Returns:
       A pytree like `x` holding the sum over the axes, identical on every rank.

@@ -124,6 +124,11 @@ def initialize(
         "process_count": size,
         "hosts": len(distinct),
         "processes_per_host": size // len(distinct),
+        # Each host's processes are consecutive ranks (mpiexec's default block placement):
+        # then the default topology can have a host dimension.
+        "hosts_contiguous": all(
+            hosts[r] == hosts[r - r % (size // len(distinct))] for r in range(size)
+        ),
     }
     return dict(_layout)
 

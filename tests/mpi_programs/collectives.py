@@ -10,7 +10,12 @@ pmean against jax.lax.pmean; grad; jax_ddl inside each process; and the refusal 
 axis that mixes processes unsupportedly. Prints "OK <rank>" at the end.
 
     mpiexec -n 2 python tests/mpi_programs/collectives.py 4 [4x2 2x2x2 8 ...]
+
+EXPECT_HOSTS (default 1): the hosts the processes are spread over (consecutive ranks per
+host); with several processes per host the default topology then has a host dimension.
 """
+
+import os
 
 import sys
 
@@ -31,8 +36,11 @@ import jax_ddl  # noqa: E402
 rank, procs = info["process_index"], info["process_count"]
 assert (jax.process_index(), jax.process_count()) == (rank, procs), info
 assert jax.local_device_count() == local and jax.device_count() == local * procs
-assert info["hosts"] == 1 and info["processes_per_host"] == procs
+hosts = int(os.environ.get("EXPECT_HOSTS", "1"))
+assert info["hosts"] == hosts and info["processes_per_host"] == procs // hosts, info
 n = local * procs
+# The default topology: local devices, processes per host, hosts (dimensions of 1 left out).
+default = (local, procs // hosts, hosts) if 1 < hosts < procs else (local, procs)
 flat = Mesh(np.array(jax.devices()), ("i",))
 ROWS = P("i")
 
@@ -79,7 +87,7 @@ for topo in topologies:
     # Integer-valued data: every sum exact. Random floats: the plan's order, bitwise.
     for got in rows(spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(x)):
         np.testing.assert_array_equal(got, want, err_msg=f"topology {topo}")
-    dims = (local, procs) if topo is None else tuple(int(d) for d in topo.split("x"))
+    dims = default if topo is None else tuple(int(d) for d in topo.split("x"))
     for got in rows(spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(noise_in)):
         np.testing.assert_array_equal(got, plan_order_sum(noise, dims), err_msg=f"topology {topo}")
 
