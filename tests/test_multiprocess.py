@@ -107,6 +107,23 @@ def test_launched_by_mpiexec_is_false_in_a_plain_process(monkeypatch):
     assert jax_ddl.distributed.layout() is None
 
 
+def test_an_mpi_other_than_the_launchers_is_an_error_not_lone_processes():
+    """A launcher that announces 2 processes to an MPI that sees 1 (mpi4py loaded another
+    MPI than the launcher's: seen on a machine with a system Open MPI) must not leave every
+    process running alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
+    r = subprocess.run(
+        [sys.executable, "-c", "import jax_ddl.distributed as d; d.initialize(local_devices=2)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "PMI_SIZE": "2"},
+    )
+    assert r.returncode != 0
+    assert "the launcher started 2 processes (PMI_SIZE=2) but MPI sees 1" in r.stderr, r.stderr
+    assert "MPI4PY_LIBMPI" in r.stderr
+
+
 def _losses(path):
     with open(path) as f:
         records = [json.loads(line) for line in f]

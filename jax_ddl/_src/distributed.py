@@ -20,13 +20,18 @@ _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOC
 _layout = None
 
 
-def launched_by_mpiexec() -> bool:
-    """True when this process was started by an MPI launcher with more than one rank."""
+def _launcher_size() -> tuple[str, int] | None:
+    """(variable, processes) as the MPI launcher announced them, if it did."""
     for name in _LAUNCHER_SIZE_VARS:
         raw = os.environ.get(name)
         if raw and raw.isdigit() and int(raw) > 1:
-            return True
-    return False
+            return name, int(raw)
+    return None
+
+
+def launched_by_mpiexec() -> bool:
+    """True when this process was started by an MPI launcher with more than one rank."""
+    return _launcher_size() is not None
 
 
 def _mpi():
@@ -75,8 +80,9 @@ def initialize(
 
     Raises:
       ImportError: mpi4py is missing (install the `mpi` extra).
-      RuntimeError: MPI could not give MPI_THREAD_MULTIPLE, or processes are spread
-        unevenly over hosts.
+      RuntimeError: MPI could not give MPI_THREAD_MULTIPLE, sees fewer processes than the
+        launcher started (mpi4py loaded another MPI than the launcher's), or processes
+        are spread unevenly over hosts.
     """
     global _layout
     MPI = _mpi()
@@ -90,6 +96,16 @@ def initialize(
     # A failing peer must surface as an error jax_ddl reports, not abort every process.
     comm.Set_errhandler(MPI.ERRORS_RETURN)
     rank, size = comm.Get_rank(), comm.Get_size()
+    announced = _launcher_size()
+    if announced and announced[0] in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE") and announced[1] != size:
+        library = MPI.Get_library_version().splitlines()[0].strip()
+        raise RuntimeError(
+            f"the launcher started {announced[1]} processes ({announced[0]}={announced[1]}) "
+            f"but MPI sees {size}: mpi4py loaded {library!r}, which is not the MPI of the "
+            "launcher, so every process runs alone. Use the mpiexec of the MPI mpi4py loads, "
+            "or point mpi4py at the launcher's library (MPI4PY_LIBMPI=/path/to/libmpi.so.12 "
+            "for MPICH from the mpi extra, which installs it in the environment's lib/)."
+        )
     hosts = comm.allgather(MPI.Get_processor_name())
     distinct = sorted(set(hosts), key=hosts.index)
     per_host = {h: hosts.count(h) for h in distinct}
