@@ -288,6 +288,12 @@ def test_benchmark_under_mpiexec_puts_jax_ddl_beside_flat_gloo_and_raw_mpi(tmp_p
     assert result["settings"]["topology"] == "2x2"
     assert {x["impl"] for x in rows} == {"jax_ddl", "ddl-flat", "lax.psum", "mpi"}
     assert [x["size"] for x in rows if x["impl"] == "mpi"] == [1024, 8192]
+    # The JSON is the first process's, as the printed table: the same medians.
+    printed = re.findall(r"^ +(\d+) +\d+ +float32 +sum +(\S+) \| oop +([\d.]+)", r.stdout, re.M)
+    assert len(printed) == len(rows)
+    for (size, impl, oop), x in zip(printed, rows):
+        assert (int(size), impl) == (x["size"], x["impl"])
+        assert float(oop) == pytest.approx(x["oop"]["time_us"], abs=0.051)
     for x in rows:  # every result checked against the known sum, on every process
         assert x["oop"]["wrong"] == 0 and x["ip"]["wrong"] == 0
     assert all("x_lax" in x["ip"] for x in rows if x["impl"] != "lax.psum")
