@@ -107,7 +107,7 @@ def test_launched_by_mpiexec_is_false_in_a_plain_process(monkeypatch):
     assert jax_ddl.distributed.layout() is None
 
 
-def test_an_mpi_other_than_the_launchers_is_an_error_not_lone_processes():
+def test_an_mpi_other_than_the_launchers_is_an_error_not_lone_processes(tmp_path):
     """A launcher that announces 2 processes to an MPI that sees 1 (mpi4py loaded another
     MPI than the launcher's: seen on a machine with a system Open MPI) must not leave every
     process running alone."""
@@ -118,6 +118,7 @@ def test_an_mpi_other_than_the_launchers_is_an_error_not_lone_processes():
         text=True,
         timeout=120,
         env={**env, "PMI_SIZE": "2"},
+        cwd=tmp_path,  # not the source tree, whose jax_ddl is not built
     )
     assert r.returncode != 0
     assert "the launcher started 2 processes (PMI_SIZE=2) but MPI sees 1" in r.stderr, r.stderr
