@@ -360,8 +360,12 @@ ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
   }
   const auto t1 = Clock::now();
   auto local = [&](int64_t q) { return q >= base && q < base + slots; };
-  auto input_view = [&](int64_t q) { return View{r->member(q - base).inputs, nullptr, sizeof(T)}; };
-  auto output_view = [&](int64_t q) { return View{r->member(q - base).outputs, nullptr, sizeof(T)}; };
+  auto input_view = [&](int64_t q) {
+    return View{r->member(q - base).inputs, nullptr, sizeof(T)};
+  };
+  auto output_view = [&](int64_t q) {
+    return View{r->member(q - base).outputs, nullptr, sizeof(T)};
+  };
   auto inter_view = [&](int64_t q) {
     return scratch ? View{nullptr, r->member(q - base).inter, sizeof(A)} : output_view(q);
   };

@@ -90,7 +90,14 @@ def test_collectives_across_two_emulated_hosts(two_hosts):
     processes per host, hosts), the flat spec and grids spanning processes, all exact."""
     program = ROOT / "tests" / "mpi_programs" / "collectives.py"
     r = run_mpi(
-        4, program, 2, "8", "2x4", "4x2", launcher=(*two_hosts, "-ppn", "2"), env={"EXPECT_HOSTS": "2"}
+        4,
+        program,
+        2,
+        "8",
+        "2x4",
+        "4x2",
+        launcher=(*two_hosts, "-ppn", "2"),
+        env={"EXPECT_HOSTS": "2"},
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(int(i) for i in re.findall(r"OK (\d+)", r.stdout)) == list(range(4))
@@ -167,7 +174,9 @@ def one_process(tmp_path_factory):
                 text=True,
                 timeout=300,
                 cwd=ROOT,
-                env={k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")},
+                env={
+                    k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")
+                },
             )
             assert r.returncode == 0, r.stderr[-3000:]
             runs[allreduce] = _losses(out / "metrics.jsonl")
@@ -179,7 +188,13 @@ def one_process(tmp_path_factory):
 def _train_mpi(n, out_dir, allreduce, *extra, launcher=()):
     local = str(8 // n)
     r = run_mpi(
-        n, TRAIN, *_train_args(allreduce, *extra), "--host-devices", local, "--out-dir", out_dir,
+        n,
+        TRAIN,
+        *_train_args(allreduce, *extra),
+        "--host-devices",
+        local,
+        "--out-dir",
+        out_dir,
         launcher=launcher,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -224,7 +239,8 @@ def test_training_across_two_emulated_hosts(tmp_path, two_hosts, one_process):
 
 
 @pytest.mark.parametrize(
-    "mode, topology", [("skip", None), ("kill", None), ("shape", None), ("kill", "4"), ("shape", "4")]
+    "mode, topology",
+    [("skip", None), ("kill", None), ("shape", None), ("kill", "4"), ("shape", "4")],
 )
 def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mode, topology):
     """Process 1 never calls (skip), dies by SIGKILL (kill) or reduces another shape

@@ -83,12 +83,48 @@ def up(n: int, rate: str | None = None, delay: str | None = None) -> list[str]:
         if rate or delay:
             # What the host sends: its link to the others. netem for latency, tbf for rate.
             if delay:
-                sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root",
-                   "handle", "1:", "netem", "delay", delay, "limit", "100000")
+                sh(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "handle",
+                    "1:",
+                    "netem",
+                    "delay",
+                    delay,
+                    "limit",
+                    "100000",
+                )
             if rate:
                 parent = ["parent", "1:1"] if delay else ["root"]
-                sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", *parent,
-                   "handle", "10:", "tbf", "rate", rate, "burst", "512kb", "latency", "200ms")
+                sh(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    *parent,
+                    "handle",
+                    "10:",
+                    "tbf",
+                    "rate",
+                    rate,
+                    "burst",
+                    "512kb",
+                    "latency",
+                    "200ms",
+                )
         (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
         (NETNS_ETC / ns / "hosts").write_text(hosts_file)  # ip netns exec mounts it
     return hosts(n)

@@ -352,8 +352,7 @@ def run(args, out=sys.stdout):
     print(f"# memory bandwidth at end of run: {bw_end / 1e9:.2f} GB/s", file=out)
     if "ddl-flat" in impls:
         ratios = " ".join(
-            f"{r['size']}: "
-            + " / ".join(f"{r[m]['x_flat']:.2f}" for m in args.modes)
+            f"{r['size']}: " + " / ".join(f"{r[m]['x_flat']:.2f}" for m in args.modes)
             for r in rows
             if r["impl"] == "jax_ddl"
         )

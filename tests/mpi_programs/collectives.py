@@ -16,7 +16,6 @@ host); with several processes per host the default topology then has a host dime
 """
 
 import os
-
 import sys
 
 import jax_ddl.distributed
