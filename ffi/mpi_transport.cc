@@ -259,18 +259,32 @@ bool MpiHandshake(int64_t slot, const std::vector<int64_t>& processes,
 #endif
 }
 
-void MpiPostSend(int64_t my_slot, int64_t process, int64_t slot, const char* data,
-                 int64_t bytes) {
 #if JAX_DDL_HAVE_MPI
+namespace {
+// One message of a pair stream: to (process, slot) on that slot's communicator, or from
+// it on ours; the tag is the sending slot.
+void Post(bool send, int64_t my_slot, int64_t process, int64_t slot, char* data,
+          int64_t bytes) {
   if (bytes > INT_MAX) {
     t_ex.Fail("a message of " + std::to_string(bytes) +
               " bytes exceeds MPI's int count; reduce fewer bytes per call");
     return;
   }
   MPI_Request r;
-  const int rc = g_api.isend(data, static_cast<int>(bytes), MPI_BYTE, static_cast<int>(process),
-                             kPairTag + static_cast<int>(my_slot), g_comms[slot], &r);
-  t_ex.Add(rc, r, process, false, "send");
+  const int peer = static_cast<int>(process);
+  const int count = static_cast<int>(bytes);
+  const int tag = kPairTag + static_cast<int>(send ? my_slot : slot);
+  const int rc = send ? g_api.isend(data, count, MPI_BYTE, peer, tag, g_comms[slot], &r)
+                      : g_api.irecv(data, count, MPI_BYTE, peer, tag, g_comms[my_slot], &r);
+  t_ex.Add(rc, r, process, !send, send ? "send" : "receive");
+}
+}  // namespace
+#endif
+
+void MpiPostSend(int64_t my_slot, int64_t process, int64_t slot, const char* data,
+                 int64_t bytes) {
+#if JAX_DDL_HAVE_MPI
+  Post(true, my_slot, process, slot, const_cast<char*>(data), bytes);  // MPI only reads it
 #else
   (void)my_slot, (void)process, (void)slot, (void)data, (void)bytes;
 #endif
@@ -278,15 +292,7 @@ void MpiPostSend(int64_t my_slot, int64_t process, int64_t slot, const char* dat
 
 void MpiPostRecv(int64_t my_slot, int64_t process, int64_t slot, char* data, int64_t bytes) {
 #if JAX_DDL_HAVE_MPI
-  if (bytes > INT_MAX) {
-    t_ex.Fail("a message of " + std::to_string(bytes) +
-              " bytes exceeds MPI's int count; reduce fewer bytes per call");
-    return;
-  }
-  MPI_Request r;
-  const int rc = g_api.irecv(data, static_cast<int>(bytes), MPI_BYTE, static_cast<int>(process),
-                             kPairTag + static_cast<int>(slot), g_comms[my_slot], &r);
-  t_ex.Add(rc, r, process, true, "receive");
+  Post(false, my_slot, process, slot, data, bytes);
 #else
   (void)my_slot, (void)process, (void)slot, (void)data, (void)bytes;
 #endif

@@ -80,51 +80,14 @@ def up(n: int, rate: str | None = None, delay: str | None = None) -> list[str]:
         sh("ip", "-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
-        if rate or delay:
-            # What the host sends: its link to the others. netem for latency, tbf for rate.
-            if delay:
-                sh(
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    "eth0",
-                    "root",
-                    "handle",
-                    "1:",
-                    "netem",
-                    "delay",
-                    delay,
-                    "limit",
-                    "100000",
-                )
-            if rate:
-                parent = ["parent", "1:1"] if delay else ["root"]
-                sh(
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    "eth0",
-                    *parent,
-                    "handle",
-                    "10:",
-                    "tbf",
-                    "rate",
-                    rate,
-                    "burst",
-                    "512kb",
-                    "latency",
-                    "200ms",
-                )
+        # What the host sends: its link to the others. netem for latency, tbf for rate.
+        qdisc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0"]
+        if delay:
+            sh(*qdisc, "root", "handle", "1:", "netem", "delay", delay, "limit", "100000")
+        if rate:
+            where = ["parent", "1:1"] if delay else ["root"]
+            tbf = ["tbf", "rate", rate, "burst", "512kb", "latency", "200ms"]
+            sh(*qdisc, *where, "handle", "10:", *tbf)
         (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
         (NETNS_ETC / ns / "hosts").write_text(hosts_file)  # ip netns exec mounts it
     return hosts(n)
