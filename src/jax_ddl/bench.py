@@ -1,4 +1,4 @@
-"""`python -m jax_ddl.bench`: the allreduce benchmark (see jax_ddl/_src/bench.py)."""
+"""`python -m jax_ddl.bench`: the allreduce benchmark (see src/jax_ddl/_src/bench.py)."""
 
 import sys
 
