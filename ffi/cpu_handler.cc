@@ -1,17 +1,25 @@
 // jax_ddl_allreduce on CPU: DDL's multi-dimensional allreduce over the devices of one
-// process through shared memory. Each device thread reads its peers' buffers directly,
-// reduces the slice it owns at each stage and writes each final slice into every output.
+// process through shared memory, and across processes over MPI. Each device thread reads
+// its peers' buffers directly, reduces the slice it owns at each stage and writes each
+// final slice into every output. The handler returns an FFI future at once; the call runs
+// on one of jax_ddl's threads (executor.h), so XLA's threads never wait for a peer.
 #include "cpu_handler.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
+#include "executor.h"
 #include "kernels.h"
 #include "mpi_transport.h"
 #include "rendezvous.h"
+#include "site.h"
 #include "topology.h"
 
 namespace ffi = xla::ffi;
@@ -22,6 +30,10 @@ namespace {
 uint64_t Nanos(Clock::time_point a, Clock::time_point b) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count());
 }
+
+// Set when a failed call could not make sure its peers had stopped writing into its
+// buffers: the process's memory can no longer be trusted, so every later call fails.
+std::atomic<bool> g_unsafe{false};
 
 // Where one rank's copy of the (virtual, concatenated) data lives: its buffers, split at
 // the shared layout offsets, or one contiguous scratch array.
@@ -50,20 +62,38 @@ void ForEachPiece(const std::vector<int64_t>& offsets, Range r, Fn&& fn) {
   }
 }
 
-// Everything one call needs, gathered by the handler before dtype dispatch.
+// Copies `r` of a view into contiguous memory, and back.
+void Gather(const View& v, const std::vector<int64_t>& offsets, Range r, char* dst) {
+  ForEachPiece(offsets, r, [&](int64_t seg, int64_t begin, int64_t len) {
+    std::memcpy(dst + (begin - r.begin) * v.elem, v.At(offsets.data(), seg, begin), len * v.elem);
+  });
+}
+void Scatter(const char* src, const View& v, const std::vector<int64_t>& offsets, Range r) {
+  ForEachPiece(offsets, r, [&](int64_t seg, int64_t begin, int64_t len) {
+    std::memcpy(v.At(offsets.data(), seg, begin), src + (begin - r.begin) * v.elem, len * v.elem);
+  });
+}
+
+// Everything one call needs, gathered by the handler before it hands the call over.
 struct Call {
+  Site* site;
+  DeviceSite* ds;
   int64_t device;
   int64_t rank;
   Op op;
-  int64_t small_bytes;
-  Clock::time_point deadline;
   Descriptor desc;
-  const Plan* plan;
-  SiteState* site;
-  const std::vector<int64_t>* offsets;
   RendezvousKey key;
-  const std::string* context;
+  Clock::time_point start;
+  Clock::time_point deadline;
+  FaultKind fault = FaultKind::kNone;
+  int64_t fault_ms = 0;
 };
+
+// How long a failing rank waits for its peers to stop working on its buffers.
+Clock::time_point QuiesceUntil(const Call& c) {
+  const int64_t ms = c.site->timeout_ms() < 0 ? -1 : std::max<int64_t>(c.site->timeout_ms(), 30000);
+  return Deadline(Clock::now(), ms);
+}
 
 template <typename A, typename S, typename D>
 void ReduceDispatch(Op op, const char* const* srcs, int64_t n_src, char* const* dsts,
@@ -89,48 +119,68 @@ ffi::Error Fail(ffi::ErrorCode code, const std::string& msg) {
   return ffi::Error(code, msg);
 }
 
-ffi::Error FailRendezvous(const Failure& f) {
+ffi::Error FailWith(const Failure& f) {
   return Fail(f.deadline ? ffi::ErrorCode::kDeadlineExceeded : ffi::ErrorCode::kFailedPrecondition,
               f.message);
+}
+
+// Leaves `r` after a failure (waiting for the peers to stop touching this rank's buffers)
+// and returns the error.
+ffi::Error LeaveFailed(const Call& c, Rendezvous* r, int64_t rank, Failure* error, bool own) {
+  const bool quiet = own ? Registry::Get().Fail(r, rank, error, QuiesceUntil(c))
+                         : Registry::Get().Leave(r, rank, QuiesceUntil(c), error);
+  if (!quiet) g_unsafe = true;
+  return FailWith(*error);
+}
+
+// Joins the call's rendezvous; nullptr (with the error) when it already failed.
+Rendezvous* Join(const Call& c, int64_t size, Failure* error) {
+  return Registry::Get().Join(c.key, size, c.site->context(), error);
+}
+
+void StallIfAsked(const Call& c) {
+  if (c.fault == FaultKind::kStall) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(c.fault_ms));
+  }
 }
 
 // Small messages: one barrier. Each rank copies its input into one half of a
 // double-buffered staging area, then every rank reduces all of it in plan order. The next
 // call at this site writes the other half, and the one after can only start once every
 // peer has arrived at the next call, i.e. finished reading: no exit barrier is needed.
+// The half flips only after a call succeeded, so a failed call leaves it in step.
 template <typename T>
 ffi::Error RunSmall(const Call& c) {
   using A = typename AccumOf<T>::type;
-  SiteState& site = *c.site;
-  const Plan& plan = *c.plan;
+  DeviceSite& ds = *c.ds;
+  const Plan& plan = c.site->plan();
   const int64_t count = c.desc.count;
-  const auto& offsets = *c.offsets;
-  std::vector<char>& staging = site.staging[site.sequence & 1];
+  const auto& offsets = ds.offsets;
+  std::vector<char>& staging = ds.staging[ds.completed & 1];
   staging.resize(count * sizeof(T));
   ForEachPiece(offsets, Range{0, count}, [&](int64_t seg, int64_t begin, int64_t len) {
-    std::memcpy(staging.data() + begin * sizeof(T), site.inputs[seg], len * sizeof(T));
+    std::memcpy(staging.data() + begin * sizeof(T), ds.inputs[seg], len * sizeof(T));
   });
-  Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(), nullptr, staging.data()};
+  Member me{c.device, c.desc, ds.inputs.data(), ds.outputs.data(), nullptr, staging.data()};
   const auto t0 = Clock::now();
-  Rendezvous* r = Registry::Get().Join(c.key, plan.num_ranks(), *c.context);
   Failure error;
-  const bool ok = r->Arrive(c.rank, me, c.deadline, &error);
-  if (ok) {
-    for (int64_t q = 0; q < plan.num_ranks(); ++q) site.peer_ptrs[q] = r->member(q).staging;
-  }
-  Registry::Get().Leave(r);
-  if (!ok) return FailRendezvous(error);
+  Rendezvous* r = Join(c, plan.num_ranks(), &error);
+  if (r == nullptr) return FailWith(error);
+  if (!r->Arrive(c.rank, me, c.deadline, &error)) return LeaveFailed(c, r, c.rank, &error, false);
+  for (int64_t q = 0; q < plan.num_ranks(); ++q) ds.peer_ptrs[q] = r->member(q).staging;
+  // Peers' staging belongs to the call site, not to XLA: it stays valid after they leave.
+  Registry::Get().Leave(r, c.rank, c.deadline);
   const auto t1 = Clock::now();
 
   // Nested accumulation in plan order: level j holds the partial sum over dimension j.
   constexpr int64_t kBlock = 1024;
   const int levels = plan.num_stages();
-  site.accum.resize(levels * kBlock * sizeof(A));
-  A* acc = reinterpret_cast<A*>(site.accum.data());
+  ds.accum.resize(levels * kBlock * sizeof(A));
+  A* acc = reinterpret_cast<A*>(ds.accum.data());
   for (int64_t base = 0; base < count; base += kBlock) {
     const int64_t m = std::min(kBlock, count - base);
     for (int64_t q = 0; q < plan.num_ranks(); ++q) {
-      const T* src = reinterpret_cast<const T*>(site.peer_ptrs[q]) + base;
+      const T* src = reinterpret_cast<const T*>(ds.peer_ptrs[q]) + base;
       AccumulateDispatch<A, T>(c.op, plan.Coord(q, 0) == 0, src, acc, m);
       for (int j = 0; j + 1 < levels && plan.Coord(q, j) == plan.dim(j) - 1; ++j) {
         AccumulateDispatch<A, A>(c.op, plan.Coord(q, j + 1) == 0, acc + j * kBlock,
@@ -139,10 +189,11 @@ ffi::Error RunSmall(const Call& c) {
     }
     const A* result = acc + (levels - 1) * kBlock;
     ForEachPiece(offsets, Range{base, base + m}, [&](int64_t seg, int64_t begin, int64_t len) {
-      T* out = reinterpret_cast<T*>(site.outputs[seg] + (begin - offsets[seg]) * sizeof(T));
+      T* out = reinterpret_cast<T*>(ds.outputs[seg] + (begin - offsets[seg]) * sizeof(T));
       for (int64_t i = 0; i < len; ++i) out[i] = Store<T>(result[begin - base + i]);
     });
   }
+  ++ds.completed;
   Counters& k = GetCounters();
   k.small_calls.fetch_add(1, std::memory_order_relaxed);
   k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
@@ -150,9 +201,19 @@ ffi::Error RunSmall(const Call& c) {
   return ffi::Error::Success();
 }
 
-const char* DtypeName(ffi::DataType t);
+const char* DtypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::S32: return "int32";
+    case ffi::DataType::S64: return "int64";
+    default: return nullptr;
+  }
+}
 
-std::string DescribeHeader(const ProcessHeader& h) {
+std::string DescribeHeader(const WireHeader& h) {
   static const char* kOps[] = {"sum", "max", "min"};
   std::string buffers;
   if (h.num_buffers > 1) {
@@ -160,15 +221,126 @@ std::string DescribeHeader(const ProcessHeader& h) {
     std::snprintf(hash, sizeof(hash), "%llx", static_cast<unsigned long long>(h.layout_hash));
     buffers = " in " + std::to_string(h.num_buffers) + " buffers (layout " + hash + ")";
   }
-  return "call " + std::to_string(h.call_id) + " (" + std::to_string(h.count) + " elements of " +
-         DtypeName(static_cast<ffi::DataType>(h.dtype)) + buffers + ", " +
-         (h.op >= 0 && h.op <= 2 ? kOps[h.op] : "op ?") + ")";
+  const char* dtype = DtypeName(static_cast<ffi::DataType>(h.dtype));
+  std::string call = "call " + std::to_string(h.site);
+  if (h.copy > 0) call += " copy " + std::to_string(h.copy);
+  return call + " of " + std::string(h.module_name, strnlen(h.module_name, sizeof(h.module_name))) +
+         " (" + std::to_string(h.count) + " elements of " + (dtype ? dtype : "?") + buffers +
+         ", " + (h.op >= 0 && h.op <= 2 ? kOps[h.op] : "op ?") + ")";
 }
 
+// The handshake header: everything the processes must agree on for this call.
+WireHeader HeaderOf(const Call& c) {
+  const Site& s = *c.site;
+  WireHeader h;
+  h.count = c.desc.count;
+  h.num_buffers = c.desc.num_buffers;
+  h.layout_hash = c.desc.layout_hash;
+  h.dtype = c.desc.dtype;
+  h.op = static_cast<int32_t>(c.op);
+  h.mode = static_cast<int32_t>(s.mode());
+  h.ndims = static_cast<int32_t>(s.dims().size());
+  uint64_t hash = 1469598103934665603ull;
+  for (size_t i = 0; i < s.dims().size(); ++i) {
+    if (i < static_cast<size_t>(kWireDims)) h.dims[i] = s.dims()[i];
+    hash = (hash ^ static_cast<uint64_t>(s.dims()[i])) * 1099511628211ull;
+  }
+  h.dims_hash = hash;
+  h.timeout_ms = s.timeout_ms();
+  const std::string& name = s.identity().module_name;
+  std::memcpy(h.module_name, name.data(), std::min(name.size(), sizeof(h.module_name) - 1));
+  return h;
+}
+
+CallLabel LabelOf(const Site& s) {
+  return CallLabel{s.identity().module_hash, s.identity().site, s.identity().copy};
+}
+
+// Payload stride of a frame, so every frame's payload stays 64-byte aligned.
+int64_t FrameStride(int64_t payload_bytes) {
+  return kFrameHeader + (payload_bytes + 63) / 64 * 64;
+}
+
+char* FrameArea(std::vector<char>* buf, int64_t bytes) {
+  if (buf->size() < static_cast<size_t>(bytes)) buf->resize(bytes);
+  return buf->data();
+}
+
+// The allreduce of local slot `slot`'s slice (`n` accumulator elements in `data`) with the same
+// slot of the other processes, over the process plan: reduce-scatter stage by stage (a
+// process receives every group peer's copy of the slice it owns next and reduces them in
+// group order), then all-gather back. Every process ends with the same bits.
 template <typename A>
-void ReduceAccum(int op, const char* const* srcs, int64_t n_src, char* dst, int64_t n) {
-  char* dsts[1] = {dst};
-  ReduceDispatch<A, A, A>(static_cast<Op>(op), srcs, n_src, dsts, 1, n);
+bool ProcessAllreduce(const Call& c, int64_t slot, MpiCall& mpi, char* data, int64_t n,
+                      Failure* error) {
+  const Plan& plan = c.site->proc_plan();
+  DeviceSite& ds = *c.ds;
+  const int64_t me = MpiLayout().process;
+  const int64_t elem = sizeof(A);
+  thread_local std::vector<const char*> srcs;
+  thread_local std::vector<std::pair<int64_t, int64_t>> peers;
+  peers.clear();
+  for (int s = 0; s < plan.num_stages(); ++s) {
+    const int64_t k = plan.dim(s);
+    if (k == 1) continue;
+    const Range mine = plan.Region(me, s + 1, n);
+    const Range all = plan.Region(me, s, n);
+    const int64_t rstride = FrameStride(mine.size() * elem);
+    const int64_t sstride = FrameStride(all.size() * elem);
+    char* rbuf = FrameArea(&ds.mpi[1], (k - 1) * rstride);
+    char* sbuf = FrameArea(&ds.mpi[2], (k - 1) * sstride);
+    for (int64_t g = 0, i = 0; g < k; ++g) {
+      const int64_t q = plan.Peer(me, s, g);
+      if (q == me) continue;
+      if (std::find(peers.begin(), peers.end(), std::make_pair(q, slot)) == peers.end()) {
+        peers.emplace_back(q, slot);
+      }
+      const Range theirs = plan.Region(q, s + 1, n);
+      mpi.PostRecv(q, slot, MpiCall::ReduceScatter(s), rbuf + i * rstride, mine.size() * elem);
+      char* frame = sbuf + i * sstride;
+      std::memcpy(frame + kFrameHeader, data + theirs.begin * elem, theirs.size() * elem);
+      mpi.PostSend(q, slot, MpiCall::ReduceScatter(s), frame, theirs.size() * elem);
+      ++i;
+    }
+    if (!mpi.Wait("cross-process reduce-scatter", error)) return false;
+    srcs.clear();
+    for (int64_t g = 0, i = 0; g < k; ++g) {
+      const int64_t q = plan.Peer(me, s, g);
+      srcs.push_back(q == me ? data + mine.begin * elem : rbuf + i++ * rstride + kFrameHeader);
+    }
+    char* dst = data + mine.begin * elem;
+    ReduceDispatch<A, A, A>(c.op, srcs.data(), k, &dst, 1, mine.size());
+  }
+  // All-gather in reverse: send the slice owned after stage s to every group peer.
+  for (int s = plan.num_stages() - 1; s >= 0; --s) {
+    const int64_t k = plan.dim(s);
+    if (k == 1) continue;
+    const Range mine = plan.Region(me, s + 1, n);
+    const Range all = plan.Region(me, s, n);
+    const int64_t rstride = FrameStride(all.size() * elem);
+    const int64_t sstride = FrameStride(mine.size() * elem);
+    char* rbuf = FrameArea(&ds.mpi[1], (k - 1) * rstride);
+    char* sbuf = FrameArea(&ds.mpi[2], (k - 1) * sstride);
+    for (int64_t g = 0, i = 0; g < k; ++g) {
+      const int64_t q = plan.Peer(me, s, g);
+      if (q == me) continue;
+      mpi.PostRecv(q, slot, MpiCall::AllGather(s), rbuf + i * rstride,
+                   plan.Region(q, s + 1, n).size() * elem);
+      char* frame = sbuf + i * sstride;
+      std::memcpy(frame + kFrameHeader, data + mine.begin * elem, mine.size() * elem);
+      mpi.PostSend(q, slot, MpiCall::AllGather(s), frame, mine.size() * elem);
+      ++i;
+    }
+    if (!mpi.Wait("cross-process all-gather", error)) return false;
+    for (int64_t g = 0, i = 0; g < k; ++g) {
+      const int64_t q = plan.Peer(me, s, g);
+      if (q == me) continue;
+      const Range theirs = plan.Region(q, s + 1, n);
+      std::memcpy(data + theirs.begin * elem, rbuf + i++ * rstride + kFrameHeader,
+                  theirs.size() * elem);
+    }
+  }
+  return mpi.Done(peers, error);
 }
 
 // Large messages: DDL's schedule. Reduce-scatter stage by stage: at each stage a rank
@@ -179,32 +351,39 @@ void ReduceAccum(int op, const char* const* srcs, int64_t n_src, char* dst, int6
 // Every element is reduced in the plan's fixed order: all ranks get identical bits.
 //
 // Across processes (DDL's hierarchy) the plan is the local one and the last local stage
-// writes the owner's slice into `proc_buf` instead; that slice is allreduced with the
+// writes the owner's slice into its own buffer instead; that slice is allreduced with the
 // same slot of every other process over MPI (one communicator per slot, so all slots run
 // at once) and then written into every local output. The order stays fixed by the two
 // plans, so every device of every process gets the same bits.
 template <typename T>
-ffi::Error RunLarge(const Call& c, const Plan& plan, int64_t rank, bool cross, int64_t call_id) {
+ffi::Error RunLarge(const Call& c, bool cross) {
   using A = typename AccumOf<T>::type;
   constexpr bool kSameAcc = std::is_same_v<A, T>;
-  SiteState& site = *c.site;
+  DeviceSite& ds = *c.ds;
+  const Plan& plan = cross ? c.site->local_plan() : c.site->plan();
+  const int64_t rank = cross ? c.rank - MpiLayout().process * MpiLayout().slots : c.rank;
   const int64_t count = c.desc.count;
   const int64_t ranks = plan.num_ranks();
-  const auto& offsets = *c.offsets;
+  const auto& offsets = ds.offsets;
   const int stages = plan.num_stages();
   // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
   const bool scratch = !kSameAcc && stages > 1;
-  if (scratch) site.inter.resize(count * sizeof(A));
-  Member me{c.device, c.desc, site.inputs.data(), site.outputs.data(),
-            scratch ? site.inter.data() : nullptr, nullptr};
+  if (scratch) ds.inter.resize(count * sizeof(A));
+  Member me{c.device, c.desc, ds.inputs.data(), ds.outputs.data(),
+            scratch ? ds.inter.data() : nullptr, nullptr};
 
-  const auto t0 = Clock::now();
-  Rendezvous* r = Registry::Get().Join(c.key, ranks, *c.context);
+  std::unique_ptr<MpiCall> mpi;
   Failure error;
-  if (!r->Arrive(rank, me, c.deadline, &error)) {
-    Registry::Get().Leave(r);
-    return FailRendezvous(error);
+  if (cross) {
+    mpi = std::make_unique<MpiCall>(rank, LabelOf(*c.site), c.deadline);
+    if (!mpi->ok(&error)) return FailWith(error);
   }
+  const auto t0 = Clock::now();
+  Rendezvous* r = Join(c, ranks, &error);
+  if (r == nullptr) return FailWith(error);
+  if (!r->Arrive(rank, me, c.deadline, &error)) return LeaveFailed(c, r, rank, &error, false);
+  if (cross) mpi->Watch([r](Failure* f) { return r->Failed(f); });
+  StallIfAsked(c);
   const auto t1 = Clock::now();
   auto input_view = [&](int64_t q) { return View{r->member(q).inputs, nullptr, sizeof(T)}; };
   auto output_view = [&](int64_t q) { return View{r->member(q).outputs, nullptr, sizeof(T)}; };
@@ -214,25 +393,24 @@ ffi::Error RunLarge(const Call& c, const Plan& plan, int64_t rank, bool cross, i
   const Range mine = plan.Region(rank, stages, count);
   A* buf = nullptr;
   if (cross) {
-    site.proc_buf.resize(std::max<int64_t>(1, mine.size()) * sizeof(A));
-    buf = reinterpret_cast<A*>(site.proc_buf.data());
+    ds.mpi.resize(3);
+    buf = reinterpret_cast<A*>(FrameArea(&ds.mpi[0], std::max<int64_t>(1, mine.size()) * sizeof(A)));
   }
   // Writes `len` elements from `src` (accumulator or T) into every rank's output at `begin`.
   auto broadcast = [&](int64_t seg, int64_t begin, int64_t len, const char* const* srcs,
                        int64_t n_src, bool src_acc) {
     for (int64_t q = 0; q < ranks; ++q) {
-      site.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
+      ds.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
     }
     if (src_acc) {
-      ReduceDispatch<A, A, T>(c.op, srcs, n_src, site.dst_ptrs.data(), ranks, len);
+      ReduceDispatch<A, A, T>(c.op, srcs, n_src, ds.dst_ptrs.data(), ranks, len);
     } else {
-      ReduceDispatch<A, T, T>(c.op, srcs, n_src, site.dst_ptrs.data(), ranks, len);
+      ReduceDispatch<A, T, T>(c.op, srcs, n_src, ds.dst_ptrs.data(), ranks, len);
     }
   };
 
-  bool ok = true;
   auto t2 = t1;
-  for (int s = 0; s < stages && ok; ++s) {
+  for (int s = 0; s < stages; ++s) {
     const int64_t group_size = plan.dim(s);
     const bool last = s == stages - 1;
     const bool src_acc = s > 0 && scratch;
@@ -242,44 +420,50 @@ ffi::Error RunLarge(const Call& c, const Plan& plan, int64_t rank, bool cross, i
       for (int64_t g = 0; g < group_size; ++g) {
         const int64_t q = plan.Peer(rank, s, g);
         const View v = s == 0 ? input_view(q) : inter_view(q);
-        site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
+        ds.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
       }
       if (last && !cross) {
-        broadcast(seg, begin, len, site.peer_ptrs.data(), group_size, src_acc);
+        broadcast(seg, begin, len, ds.peer_ptrs.data(), group_size, src_acc);
         return;
       }
       char* dst = last ? reinterpret_cast<char*>(buf + (begin - mine.begin))
                        : inter_view(rank).At(offsets.data(), seg, begin);
       if (src_acc) {
-        ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
+        ReduceDispatch<A, A, A>(c.op, ds.peer_ptrs.data(), group_size, &dst, 1, len);
       } else {
-        ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), group_size, &dst, 1, len);
+        ReduceDispatch<A, T, A>(c.op, ds.peer_ptrs.data(), group_size, &dst, 1, len);
       }
     });
-    if (!last || !cross) {
-      ok = r->Barrier(rank, s + 1, last ? "exit" : "reduce-scatter", c.deadline, &error);
+    if ((!last || !cross) &&
+        !r->Barrier(rank, s + 1, last ? "exit" : "reduce-scatter", c.deadline, &error)) {
+      return LeaveFailed(c, r, rank, &error, false);
     }
   }
-  if (ok && cross) {
+  if (cross) {
     t2 = Clock::now();  // for the counters the MPI exchange counts as reduce-scatter
-    const ProcessHeader header{call_id, count, c.desc.dtype, static_cast<int64_t>(c.op),
-                               c.desc.num_buffers, c.desc.layout_hash};
-    if (!MpiAllreduce(rank, site.proc_buf.data(), mine.size(), sizeof(A), static_cast<int>(c.op),
-                      &ReduceAccum<A>, site.proc_plan, header, &DescribeHeader, c.deadline,
-                      &site.proc_scratch, &error)) {
-      error.message = *c.context + ", local slot " + std::to_string(rank) + ": " + error.message;
-      Registry::Get().Leave(r);
-      return FailRendezvous(error);
+    // While it waits on other processes this rank touches only its own buffers.
+    r->Pause(rank);
+    const bool ok = mpi->Handshake(HeaderOf(c), &DescribeHeader, &error) &&
+                    ProcessAllreduce<A>(c, rank, *mpi, ds.mpi[0].data(), mine.size(), &error);
+    if (!ok) {
+      mpi->Abandon(&ds.mpi);
+      if (!error.local) {
+        error.message = c.site->context() + ", local slot " + std::to_string(rank) + ": " +
+                        error.message;
+      }
+      return LeaveFailed(c, r, rank, &error, !error.local);
     }
+    if (!r->Resume(rank, &error)) return LeaveFailed(c, r, rank, &error, false);
     t2 = Clock::now();
     ForEachPiece(offsets, mine, [&](int64_t seg, int64_t begin, int64_t len) {
       const char* src = reinterpret_cast<const char*>(buf + (begin - mine.begin));
       broadcast(seg, begin, len, &src, 1, true);
     });
-    ok = r->Barrier(rank, stages, "exit", c.deadline, &error);
+    if (!r->Barrier(rank, stages, "exit", c.deadline, &error)) {
+      return LeaveFailed(c, r, rank, &error, false);
+    }
   }
-  Registry::Get().Leave(r);
-  if (!ok) return FailRendezvous(error);
+  Registry::Get().Leave(r, rank, c.deadline);
   Counters& k = GetCounters();
   k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
   k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
@@ -287,77 +471,52 @@ ffi::Error RunLarge(const Call& c, const Plan& plan, int64_t rank, bool cross, i
   return ffi::Error::Success();
 }
 
-// MPI's progress is weak: a send may need its receiver to go on calling MPI after the
-// receive has completed (measured: without this, 1 run in 3 of the training program with
-// the flat spec left a process waiting for its last sends while the peer had moved on to
-// other work). So each device thread, once all its messages are through, tells every
-// remote group peer and waits for the same word back: no thread leaves while a peer
-// still needs it to make progress.
-bool MpiDone(int64_t slot, const Plan& plan, int64_t me, Clock::time_point deadline,
-             Failure* error) {
-  const ProcessLayout& pl = MpiLayout();
-  thread_local std::vector<int64_t> remote;
-  thread_local std::vector<char> words;
-  remote.clear();
-  for (int st = 0; st < plan.num_stages(); ++st) {
-    for (int64_t g = 0; g < plan.dim(st); ++g) {
-      const int64_t q = plan.Peer(me, st, g);
-      if (q / pl.slots != pl.process) remote.push_back(q);
-    }
-  }
-  if (remote.empty()) return true;
-  std::sort(remote.begin(), remote.end());
-  remote.erase(std::unique(remote.begin(), remote.end()), remote.end());
-  static const char kDone = 1;
-  words.assign(remote.size(), 0);
-  for (size_t i = 0; i < remote.size(); ++i) {
-    MpiPostRecv(slot, remote[i] / pl.slots, remote[i] % pl.slots, &words[i], 1);
-    MpiPostSend(slot, remote[i] / pl.slots, remote[i] % pl.slots, &kDone, 1);
-  }
-  return MpiWait(deadline, "cross-process completion", error);
-}
-
 // A plan whose groups span processes (a flat spec over all devices of all processes, or
 // any grid that does not split at a process boundary): every stage of DDL's schedule
 // exchanges with its group peers, the local ones through shared memory, the remote ones
-// over MPI (a stream per pair of device threads). Reduce-scatter stage by stage: a rank
-// receives the remote copies of the slice it owns next and reduces them with the local
-// copies in group order, so every process gets the bits one process would. At the last
-// stage the owner writes its final slice into the outputs of its local group peers; the
-// all-gather then runs the stages in reverse, remote slices over MPI, local ones copied
-// from the peers' outputs.
+// over MPI (a stream per pair of device threads, in frames of this call site's own
+// buffers). Reduce-scatter stage by stage: a rank receives the remote copies of the slice
+// it owns next and reduces them with the local copies in group order, so every process
+// gets the bits one process would. At the last stage the owner writes its final slice
+// into the outputs of its local group peers; the all-gather then runs the stages in
+// reverse, remote slices over MPI, local ones copied from the peers' outputs.
 template <typename T>
-ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
+ffi::Error RunSpanning(const Call& c) {
   using A = typename AccumOf<T>::type;
   constexpr bool kSameAcc = std::is_same_v<A, T>;
-  SiteState& site = *c.site;
-  const Plan& plan = *c.plan;
+  DeviceSite& ds = *c.ds;
+  const Plan& plan = c.site->plan();
   const ProcessLayout& pl = MpiLayout();
   const int64_t slots = pl.slots, base = pl.process * slots, me = c.rank;
+  const int64_t slot = me - base;
   const int64_t count = c.desc.count;
-  const auto& offsets = *c.offsets;
+  const auto& offsets = ds.offsets;
   const int stages = plan.num_stages();
   const bool scratch = !kSameAcc && stages > 1;
-  if (scratch) site.inter.resize(count * sizeof(A));
-  Member m{c.device, c.desc, site.inputs.data(), site.outputs.data(),
-           scratch ? site.inter.data() : nullptr, nullptr};
+  if (scratch) ds.inter.resize(count * sizeof(A));
+  ds.mpi.resize(3);
+  Member m{c.device, c.desc, ds.inputs.data(), ds.outputs.data(),
+           scratch ? ds.inter.data() : nullptr, nullptr};
 
-  const auto t0 = Clock::now();
-  Rendezvous* r = Registry::Get().Join(c.key, slots, *c.context);
   Failure error;
-  auto fail = [&](bool mpi) {
-    if (mpi) {
-      error.message = *c.context + ", local slot " + std::to_string(slot) + ": " + error.message;
-    }
-    Registry::Get().Leave(r);
-    return FailRendezvous(error);
+  MpiCall mpi(slot, LabelOf(*c.site), c.deadline);
+  if (!mpi.ok(&error)) return FailWith(error);
+  const auto t0 = Clock::now();
+  Rendezvous* r = Join(c, slots, &error);
+  if (r == nullptr) return FailWith(error);
+  auto fail = [&](bool own) {
+    mpi.Abandon(&ds.mpi);
+    own = own && !error.local;
+    if (own) error.message = c.site->context() + ", local slot " + std::to_string(slot) + ": " +
+                             error.message;
+    return LeaveFailed(c, r, slot, &error, own);
   };
   if (!r->Arrive(slot, m, c.deadline, &error)) return fail(false);
-  const ProcessHeader header{call_id, count, c.desc.dtype, static_cast<int64_t>(c.op),
-                             c.desc.num_buffers, c.desc.layout_hash};
-  if (!MpiHandshake(slot, site.handshake_procs, header, &DescribeHeader, c.deadline, &error)) {
-    return fail(true);
-  }
+  mpi.Watch([r](Failure* f) { return r->Failed(f); });
+  StallIfAsked(c);
+  r->Pause(slot);
+  if (!mpi.Handshake(HeaderOf(c), &DescribeHeader, &error)) return fail(true);
+  if (!r->Resume(slot, &error)) return fail(false);
   const auto t1 = Clock::now();
   auto local = [&](int64_t q) { return q >= base && q < base + slots; };
   auto input_view = [&](int64_t q) {
@@ -369,17 +528,21 @@ ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
   auto inter_view = [&](int64_t q) {
     return scratch ? View{nullptr, r->member(q - base).inter, sizeof(A)} : output_view(q);
   };
-  // Posts one message per piece of `range` (buffers split it where they split everywhere).
-  auto post = [&](bool send, int64_t q, const View& v, Range range) {
-    ForEachPiece(offsets, range, [&](int64_t seg, int64_t begin, int64_t len) {
-      char* p = v.At(offsets.data(), seg, begin);
-      if (send) {
-        MpiPostSend(slot, q / slots, q % slots, p, len * v.elem);
-      } else {
-        MpiPostRecv(slot, q / slots, q % slots, p, len * v.elem);
-      }
-    });
+  // Waits for this stage's messages without touching any peer's buffers meanwhile.
+  ffi::Error result;
+  auto wait = [&](const char* stage) {
+    r->Pause(slot);
+    if (!mpi.Wait(stage, &error)) {
+      result = fail(true);
+      return false;
+    }
+    if (!r->Resume(slot, &error)) {
+      result = fail(false);
+      return false;
+    }
+    return true;
   };
+  std::vector<std::pair<int64_t, int64_t>> remote_peers;
 
   int phase = 1;
   for (int s = 0; s < stages; ++s) {
@@ -388,47 +551,54 @@ ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
     const bool src_acc = s > 0 && scratch;
     const int64_t es = src_acc ? sizeof(A) : sizeof(T);
     const Range mine = plan.Region(me, s + 1, count);
+    const Range held = plan.Region(me, s, count);
     int64_t remote = 0;
     for (int64_t g = 0; g < k; ++g) remote += !local(plan.Peer(me, s, g));
-    if (site.recv_buf.size() < static_cast<size_t>(remote * mine.size() * es)) {
-      site.recv_buf.resize(remote * mine.size() * es);
-    }
-    // Remote copies of my slice land in recv_buf, one contiguous block per remote peer.
+    const int64_t rstride = FrameStride(mine.size() * es);
+    const int64_t sstride = FrameStride(held.size() * es);
+    char* rbuf = FrameArea(&ds.mpi[1], remote * rstride);
+    char* sbuf = FrameArea(&ds.mpi[2], remote * sstride);
+    // Remote copies of my slice arrive in frames; my copies of theirs leave in frames.
     for (int64_t g = 0, i = 0; g < k; ++g) {
       const int64_t q = plan.Peer(me, s, g);
       if (local(q)) continue;
-      post(false, q, View{nullptr, site.recv_buf.data() + i * mine.size() * es, es, mine.begin},
-           mine);
-      post(true, q, s == 0 ? input_view(me) : inter_view(me), plan.Region(q, s + 1, count));
+      const std::pair<int64_t, int64_t> peer{q / slots, q % slots};
+      if (std::find(remote_peers.begin(), remote_peers.end(), peer) == remote_peers.end()) {
+        remote_peers.push_back(peer);
+      }
+      mpi.PostRecv(q / slots, q % slots, MpiCall::ReduceScatter(s), rbuf + i * rstride,
+                   mine.size() * es);
+      const Range theirs = plan.Region(q, s + 1, count);
+      char* frame = sbuf + i * sstride;
+      Gather(s == 0 ? input_view(me) : inter_view(me), offsets, theirs, frame + kFrameHeader);
+      mpi.PostSend(q / slots, q % slots, MpiCall::ReduceScatter(s), frame, theirs.size() * es);
       ++i;
     }
-    if (remote > 0 && !MpiWait(c.deadline, "cross-process reduce-scatter", &error)) {
-      return fail(true);
-    }
+    if (remote > 0 && !wait("cross-process reduce-scatter")) return result;
     ForEachPiece(offsets, mine, [&](int64_t seg, int64_t begin, int64_t len) {
       int64_t n_dst = 0;
       for (int64_t g = 0, i = 0; g < k; ++g) {
         const int64_t q = plan.Peer(me, s, g);
         if (local(q)) {
           const View v = s == 0 ? input_view(q) : inter_view(q);
-          site.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
-          if (last) site.dst_ptrs[n_dst++] = output_view(q).At(offsets.data(), seg, begin);
+          ds.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
+          if (last) ds.dst_ptrs[n_dst++] = output_view(q).At(offsets.data(), seg, begin);
         } else {
-          site.peer_ptrs[g] = site.recv_buf.data() + (i * mine.size() + begin - mine.begin) * es;
+          ds.peer_ptrs[g] = rbuf + i * rstride + kFrameHeader + (begin - mine.begin) * es;
           ++i;
         }
       }
       char* inter_dst = last ? nullptr : inter_view(me).At(offsets.data(), seg, begin);
-      char** dsts = last ? site.dst_ptrs.data() : &inter_dst;
+      char** dsts = last ? ds.dst_ptrs.data() : &inter_dst;
       if (!last) n_dst = 1;
       if (last && src_acc) {
-        ReduceDispatch<A, A, T>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+        ReduceDispatch<A, A, T>(c.op, ds.peer_ptrs.data(), k, dsts, n_dst, len);
       } else if (last) {
-        ReduceDispatch<A, T, T>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+        ReduceDispatch<A, T, T>(c.op, ds.peer_ptrs.data(), k, dsts, n_dst, len);
       } else if (src_acc) {
-        ReduceDispatch<A, A, A>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+        ReduceDispatch<A, A, A>(c.op, ds.peer_ptrs.data(), k, dsts, n_dst, len);
       } else {
-        ReduceDispatch<A, T, A>(c.op, site.peer_ptrs.data(), k, dsts, n_dst, len);
+        ReduceDispatch<A, T, A>(c.op, ds.peer_ptrs.data(), k, dsts, n_dst, len);
       }
     });
     // After the last stage no local peer reads what this rank writes next (the remote
@@ -441,13 +611,22 @@ ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
   for (int s = stages - 1; s >= 0; --s) {
     const int64_t k = plan.dim(s);
     const Range mine = plan.Region(me, s + 1, count);
-    bool remote = false;
-    for (int64_t g = 0; g < k; ++g) {
+    const Range held = plan.Region(me, s, count);
+    int64_t remote = 0;
+    for (int64_t g = 0; g < k; ++g) remote += !local(plan.Peer(me, s, g));
+    const int64_t rstride = FrameStride(held.size() * sizeof(T));
+    const int64_t sstride = FrameStride(mine.size() * sizeof(T));
+    char* rbuf = FrameArea(&ds.mpi[1], remote * rstride);
+    char* sbuf = FrameArea(&ds.mpi[2], remote * sstride);
+    for (int64_t g = 0, i = 0; g < k; ++g) {
       const int64_t q = plan.Peer(me, s, g);
-      if (q == me || local(q)) continue;
-      post(false, q, output_view(me), plan.Region(q, s + 1, count));
-      post(true, q, output_view(me), mine);
-      remote = true;
+      if (local(q)) continue;
+      mpi.PostRecv(q / slots, q % slots, MpiCall::AllGather(s), rbuf + i * rstride,
+                   plan.Region(q, s + 1, count).size() * sizeof(T));
+      char* frame = sbuf + i * sstride;
+      Gather(output_view(me), offsets, mine, frame + kFrameHeader);
+      mpi.PostSend(q / slots, q % slots, MpiCall::AllGather(s), frame, mine.size() * sizeof(T));
+      ++i;
     }
     // The last stage's local slices were written by their owners; earlier stages copy
     // them from the local peers' outputs, complete since the previous barrier.
@@ -463,13 +642,25 @@ ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
         });
       }
     }
-    if (remote && !MpiWait(c.deadline, "cross-process all-gather", &error)) return fail(true);
-    if (s == 0 && !MpiDone(slot, plan, me, c.deadline, &error)) return fail(true);
+    if (remote > 0) {
+      if (!wait("cross-process all-gather")) return result;
+      for (int64_t g = 0, i = 0; g < k; ++g) {
+        const int64_t q = plan.Peer(me, s, g);
+        if (local(q)) continue;
+        Scatter(rbuf + i++ * rstride + kFrameHeader, output_view(me), offsets,
+                plan.Region(q, s + 1, count));
+      }
+    }
+    if (s == 0) {
+      r->Pause(slot);
+      if (!mpi.Done(remote_peers, &error)) return fail(true);
+      if (!r->Resume(slot, &error)) return fail(false);
+    }
     if (!r->Barrier(slot, phase++, s == 0 ? "exit" : "all-gather", c.deadline, &error)) {
       return fail(false);
     }
   }
-  Registry::Get().Leave(r);
+  Registry::Get().Leave(r, slot, c.deadline);
   Counters& k = GetCounters();
   k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
   k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
@@ -478,29 +669,42 @@ ffi::Error RunSpanning(const Call& c, int64_t slot, int64_t call_id) {
 }
 
 template <typename T>
-ffi::Error RunTyped(const Call& c, int64_t local_rank, int64_t call_id) {
-  if (c.site->cross) return RunLarge<T>(c, c.site->local_plan, local_rank, true, call_id);
-  if (c.site->spanning) return RunSpanning<T>(c, local_rank, call_id);
-  if (c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.small_bytes) return RunSmall<T>(c);
-  return RunLarge<T>(c, *c.plan, c.rank, false, call_id);
-}
-
-std::string FormatSeconds(int64_t ms) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%g s", ms / 1000.0);
-  return buf;
-}
-
-const char* DtypeName(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return "float32";
-    case ffi::DataType::F64: return "float64";
-    case ffi::DataType::BF16: return "bfloat16";
-    case ffi::DataType::F16: return "float16";
-    case ffi::DataType::S32: return "int32";
-    case ffi::DataType::S64: return "int64";
-    default: return "an unsupported dtype";
+ffi::Error RunTyped(const Call& c) {
+  switch (c.site->mode()) {
+    case Mode::kAcross: return RunLarge<T>(c, true);
+    case Mode::kSpanning: return RunSpanning<T>(c);
+    case Mode::kLocal: break;
   }
+  if (c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.site->small_bytes()) {
+    return RunSmall<T>(c);
+  }
+  return RunLarge<T>(c, false);
+}
+
+ffi::Error Execute(const Call& c) {
+  if (c.fault == FaultKind::kDelay) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(c.fault_ms));
+  }
+  switch (static_cast<ffi::DataType>(c.desc.dtype)) {
+    case ffi::DataType::F32: return RunTyped<float>(c);
+    case ffi::DataType::F64: return RunTyped<double>(c);
+    case ffi::DataType::BF16: return RunTyped<bf16_t>(c);
+    case ffi::DataType::F16: return RunTyped<f16_t>(c);
+    case ffi::DataType::S32: return RunTyped<int32_t>(c);
+    case ffi::DataType::S64: return RunTyped<int64_t>(c);
+    default: return Fail(ffi::ErrorCode::kInternal, "jax_ddl_allreduce: dtype dispatch");
+  }
+}
+
+ffi::Future Ready(ffi::Error error) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  if (error.success()) {
+    promise.SetAvailable();
+  } else {
+    promise.SetError(std::move(error));
+  }
+  return future;
 }
 
 ffi::Error ReadScalar(ffi::AnyBuffer buf, const char* what, int64_t* value) {
@@ -512,110 +716,103 @@ ffi::Error ReadScalar(ffi::AnyBuffer buf, const char* what, int64_t* value) {
   return ffi::Error::Success();
 }
 
-ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_buf,
-                        ffi::AnyBuffer group_buf, ffi::RemainingArgs args,
-                        ffi::RemainingRets rets, int32_t op, int64_t call_id,
-                        ffi::Span<const int64_t> dims, int64_t timeout_ms,
-                        int64_t small_bytes) {
-  const auto start = Clock::now();
-  int64_t rank = 0, group = 0;
-  if (auto e = ReadScalar(rank_buf, "rank", &rank); e.failure()) return e;
-  if (auto e = ReadScalar(group_buf, "group", &group); e.failure()) return e;
+uint64_t Fnv(std::string_view s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
+  return h;
+}
+
+// Instantiate stage: once per custom-call instruction when XLA compiles a program.
+ffi::ErrorOr<std::unique_ptr<Site>> InstantiateCpu(int32_t op, ffi::Span<const int64_t> dims,
+                                                   int64_t timeout_ms, int64_t small_bytes,
+                                                   int64_t module, int64_t site,
+                                                   std::string_view name) {
   if (op < 0 || op > 2) {
-    return Fail(ffi::ErrorCode::kInvalidArgument,
-                "jax_ddl_allreduce: op must be 0 (sum), 1 (max) or 2 (min); got " +
-                    std::to_string(op));
+    return ffi::Unexpected(ffi::Error(
+        ffi::ErrorCode::kInvalidArgument,
+        "jax_ddl_allreduce: op must be 0 (sum), 1 (max) or 2 (min); got " + std::to_string(op)));
   }
-  SiteState& site = GetSiteState(device, call_id);
-  if (site.plan_dims.size() != dims.size() ||
-      !std::equal(dims.begin(), dims.end(), site.plan_dims.begin())) {
-    site.plan_dims.assign(dims.begin(), dims.end());
-    int64_t ranks = 1;
-    for (int64_t d : site.plan_dims) ranks *= d;
-    std::string error;
-    if (!Plan::Make(site.plan_dims, ranks, &site.plan, &error)) {
-      site.plan_dims.clear();
-      return Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error);
-    }
-    site.cross = site.spanning = false;
-    const ProcessLayout& pl = MpiLayout();
-    if (MpiAttached() && pl.processes > 1 && ranks == pl.slots * pl.processes) {
-      // DDL's hierarchy when the grid splits at the process boundary: leading dimensions
-      // that multiply to the local devices (shared memory), the rest over processes (MPI).
-      std::vector<int64_t> local_dims, proc_dims;
-      int64_t prod = 1;
-      size_t i = 0;
-      for (; i < site.plan_dims.size() && prod < pl.slots; ++i) {
-        prod *= site.plan_dims[i];
-        local_dims.push_back(site.plan_dims[i]);
-      }
-      proc_dims.assign(site.plan_dims.begin() + i, site.plan_dims.end());
-      if (prod == pl.slots) {
-        if (local_dims.empty()) local_dims.push_back(1);
-        if (proc_dims.empty()) proc_dims.push_back(1);
-        Plan::Make(local_dims, pl.slots, &site.local_plan, &error);
-        Plan::Make(proc_dims, pl.processes, &site.proc_plan, &error);
-        site.cross = true;
-      } else {
-        // Groups span processes (e.g. a flat spec): the whole plan, stage by stage. The
-        // header goes to every process any local rank exchanges with; that relation is
-        // symmetric, so every handshake has its partner.
-        site.spanning = true;
-        site.handshake_procs.clear();
-        for (int64_t q = pl.process * pl.slots; q < (pl.process + 1) * pl.slots; ++q) {
-          for (int st = 0; st < site.plan.num_stages(); ++st) {
-            for (int64_t g = 0; g < site.plan.dim(st); ++g) {
-              const int64_t p = site.plan.Peer(q, st, g) / pl.slots;
-              if (p != pl.process) site.handshake_procs.push_back(p);
-            }
-          }
-        }
-        auto& hp = site.handshake_procs;
-        std::sort(hp.begin(), hp.end());
-        hp.erase(std::unique(hp.begin(), hp.end()), hp.end());
-      }
-    }
-    site.peer_ptrs.assign(ranks, nullptr);
-    site.dst_ptrs.assign(ranks, nullptr);
-    site.context = "jax_ddl allreduce (call " + std::to_string(call_id) + ", group " +
-                   std::to_string(group) + ", topology " + FormatTopology(site.plan_dims) +
-                   ", timeout " + FormatSeconds(timeout_ms) + ")";
+  std::vector<int64_t> grid(dims.begin(), dims.end());
+  int64_t ranks = 1;
+  for (int64_t d : grid) ranks *= d;
+  Plan plan;
+  std::string error;
+  if (!Plan::Make(grid, ranks, &plan, &error)) {
+    return ffi::Unexpected(
+        ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error));
   }
-  const Plan& plan = site.plan;
+  SiteIdentity id;
+  id.module = module;
+  id.site = site;
+  id.copy = NextCopy(module, site);
+  id.module_name = std::string(name);
+  id.module_hash = Fnv(name);
+  return std::make_unique<Site>(std::move(id), static_cast<Op>(op), std::move(grid), timeout_ms,
+                                small_bytes);
+}
+
+ffi::Future AllreduceCpu(ffi::RunId run_id, int32_t device, Site* site, ffi::AnyBuffer rank_buf,
+                         ffi::AnyBuffer group_buf, ffi::RemainingArgs args,
+                         ffi::RemainingRets rets) {
+  const auto start = Clock::now();
+  if (g_unsafe.load()) {
+    return Ready(Fail(ffi::ErrorCode::kFailedPrecondition,
+                      "jax_ddl: an earlier call failed while peers were still writing into its "
+                      "buffers, so this process's memory can no longer be trusted; restart it"));
+  }
+  int64_t rank = 0, group = 0;
+  if (auto e = ReadScalar(rank_buf, "rank", &rank); e.failure()) return Ready(std::move(e));
+  if (auto e = ReadScalar(group_buf, "group", &group); e.failure()) return Ready(std::move(e));
+  std::string error;
+  if (!site->Prepare(&error)) {
+    return Ready(Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error));
+  }
+  const Plan& plan = site->plan();
   if (rank < 0 || rank >= plan.num_ranks()) {
-    return Fail(ffi::ErrorCode::kInvalidArgument,
-                "jax_ddl_allreduce: rank " + std::to_string(rank) + " is outside topology " +
-                    FormatTopology(plan.dims()) + " of " + std::to_string(plan.num_ranks()) +
-                    " ranks");
+    return Ready(Fail(ffi::ErrorCode::kInvalidArgument,
+                      "jax_ddl_allreduce: rank " + std::to_string(rank) + " is outside topology " +
+                          FormatTopology(plan.dims()) + " of " +
+                          std::to_string(plan.num_ranks()) + " ranks"));
   }
-
-  int64_t local_rank = rank;
-  if (site.cross || site.spanning) {
+  if (site->mode() != Mode::kLocal) {
     const ProcessLayout& pl = MpiLayout();
-    local_rank = rank - pl.process * pl.slots;
+    const int64_t local_rank = rank - pl.process * pl.slots;
     if (local_rank < 0 || local_rank >= pl.slots) {
-      return Fail(ffi::ErrorCode::kInvalidArgument,
-                  "jax_ddl_allreduce: rank " + std::to_string(rank) + " runs in process " +
-                      std::to_string(pl.process) + ", whose ranks should be " +
-                      std::to_string(pl.process * pl.slots) + ".." +
-                      std::to_string((pl.process + 1) * pl.slots - 1) +
-                      ": order the mesh's devices process by process, as jax.devices() does");
+      return Ready(Fail(ffi::ErrorCode::kInvalidArgument,
+                        "jax_ddl_allreduce: rank " + std::to_string(rank) + " runs in process " +
+                            std::to_string(pl.process) + ", whose ranks should be " +
+                            std::to_string(pl.process * pl.slots) + ".." +
+                            std::to_string((pl.process + 1) * pl.slots - 1) +
+                            ": order the mesh's devices process by process, as jax.devices() "
+                            "does"));
     }
   }
-
-  // Buffers: same dtype throughout, each result the shape of its operand.
   const size_t n = args.size();
   if (rets.size() != n || n == 0) {
-    return Fail(ffi::ErrorCode::kInvalidArgument,
-                "jax_ddl_allreduce: expected one result per operand and at least one operand; got " +
-                    std::to_string(n) + " operands and " + std::to_string(rets.size()) + " results");
+    return Ready(Fail(ffi::ErrorCode::kInvalidArgument,
+                      "jax_ddl_allreduce: expected one result per operand and at least one "
+                      "operand; got " + std::to_string(n) + " operands and " +
+                          std::to_string(rets.size()) + " results"));
   }
-  site.inputs.resize(n);
-  site.outputs.resize(n);
-  site.offsets.resize(n + 1);
-  site.offsets[0] = 0;
+
+  DeviceSite& ds = site->device(device);
+  if (ds.busy.exchange(true)) {
+    return Ready(Fail(ffi::ErrorCode::kFailedPrecondition,
+                      site->context() + ": this call is already running on device " +
+                          std::to_string(device) +
+                          " (two executions of one program overlapping on a device)"));
+  }
+  auto release = [&](ffi::Error e) {
+    ds.busy = false;
+    return Ready(std::move(e));
+  };
+  // Buffers: same dtype throughout, each result the shape of its operand.
+  ds.inputs.resize(n);
+  ds.outputs.resize(n);
+  ds.offsets.resize(n + 1);
+  ds.offsets[0] = 0;
   Descriptor desc;
-  desc.op = op;
+  desc.op = static_cast<int32_t>(site->op());
   desc.num_buffers = static_cast<int64_t>(n);
   uint64_t hash = 1469598103934665603ull;
   ffi::DataType dtype = ffi::DataType::INVALID;
@@ -623,32 +820,32 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
     auto in = args.get<ffi::AnyBuffer>(i);
     auto out = rets.get<ffi::AnyBuffer>(i);
     if (!in.has_value() || !out.has_value()) {
-      return Fail(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: operand " +
-                                                        std::to_string(i) + " is not a buffer");
+      return release(Fail(ffi::ErrorCode::kInvalidArgument,
+                          "jax_ddl_allreduce: operand " + std::to_string(i) +
+                              " is not a buffer"));
     }
     if (i == 0) dtype = in->element_type();
     if (in->element_type() != dtype || (*out)->element_type() != dtype ||
         (*out)->element_count() != in->element_count()) {
-      return Fail(ffi::ErrorCode::kInvalidArgument,
-                  "jax_ddl_allreduce: operand " + std::to_string(i) +
-                      " differs in dtype or size from operand 0 or from its result; one call "
-                      "reduces buffers of one dtype");
+      return release(Fail(ffi::ErrorCode::kInvalidArgument,
+                          "jax_ddl_allreduce: operand " + std::to_string(i) +
+                              " differs in dtype or size from operand 0 or from its result; "
+                              "one call reduces buffers of one dtype"));
     }
-    site.inputs[i] = static_cast<char*>(in->untyped_data());
-    site.outputs[i] = static_cast<char*>((*out)->untyped_data());
+    ds.inputs[i] = static_cast<char*>(in->untyped_data());
+    ds.outputs[i] = static_cast<char*>((*out)->untyped_data());
     const int64_t count = static_cast<int64_t>(in->element_count());
-    site.offsets[i + 1] = site.offsets[i] + count;
+    ds.offsets[i + 1] = ds.offsets[i] + count;
     hash = (hash ^ static_cast<uint64_t>(count)) * 1099511628211ull;
   }
-  desc.count = site.offsets[n];
+  desc.count = ds.offsets[n];
   desc.dtype = static_cast<int32_t>(dtype);
   desc.layout_hash = static_cast<int64_t>(hash);
-
   desc.dtype_name = DtypeName(dtype);
-  if (std::string(desc.dtype_name) == "an unsupported dtype") {
-    return Fail(ffi::ErrorCode::kInvalidArgument,
-                "jax_ddl_allreduce: unsupported dtype #" + std::to_string(desc.dtype) +
-                    "; supported: float32, float64, bfloat16, float16, int32, int64");
+  if (desc.dtype_name == nullptr) {
+    return release(Fail(ffi::ErrorCode::kInvalidArgument,
+                        "jax_ddl_allreduce: unsupported dtype #" + std::to_string(desc.dtype) +
+                            "; supported: float32, float64, bfloat16, float16, int32, int64"));
   }
   const int64_t elem = static_cast<int64_t>(ffi::ByteWidth(dtype));
   Counters& k = GetCounters();
@@ -657,66 +854,70 @@ ffi::Error AllreduceCpu(ffi::RunId run_id, int32_t device, ffi::AnyBuffer rank_b
 
   if (plan.num_ranks() == 1 || desc.count == 0) {
     for (size_t i = 0; i < n; ++i) {
-      if (site.outputs[i] != site.inputs[i]) {
-        std::memcpy(site.outputs[i], site.inputs[i], (site.offsets[i + 1] - site.offsets[i]) * elem);
+      if (ds.outputs[i] != ds.inputs[i]) {
+        std::memcpy(ds.outputs[i], ds.inputs[i], (ds.offsets[i + 1] - ds.offsets[i]) * elem);
       }
     }
-    return ffi::Error::Success();
+    return release(ffi::Error::Success());
   }
+  ds.peer_ptrs.resize(plan.num_ranks());
+  ds.dst_ptrs.resize(plan.num_ranks());
 
-  Fault& fault = GetFault();
-  const int fault_kind = fault.kind.load(std::memory_order_relaxed);
-  if (fault_kind != 0 && fault.rank.load(std::memory_order_relaxed) == rank) {
-    if (fault_kind == static_cast<int>(FaultKind::kSkip)) return ffi::Error::Success();
-    if (fault_kind == static_cast<int>(FaultKind::kLie)) desc.count += 1;
-  }
-
-  if (site.last_run_id != run_id.run_id) {
-    site.last_run_id = run_id.run_id;
-    site.occurrence = 0;
-  }
   Call c;
+  c.fault = TakeFault(rank, &c.fault_ms);
+  if (c.fault == FaultKind::kSkip) return release(ffi::Error::Success());
+  if (c.fault == FaultKind::kLie) desc.count += 1;
+  if (!ds.seen_run || ds.last_run_id != run_id.run_id) {
+    ds.seen_run = true;
+    ds.last_run_id = run_id.run_id;
+    ds.occurrence = 0;
+  }
+  c.site = site;
+  c.ds = &ds;
   c.device = device;
   c.rank = rank;
-  c.op = static_cast<Op>(op);
-  c.small_bytes = small_bytes;
-  c.deadline = start + std::chrono::milliseconds(timeout_ms);
+  c.op = site->op();
   c.desc = desc;
-  c.plan = &plan;
-  c.site = &site;
-  c.offsets = &site.offsets;
-  c.key = RendezvousKey{run_id.run_id, call_id, group, site.occurrence++};
-  c.context = &site.context;
+  c.key = RendezvousKey{run_id.run_id, reinterpret_cast<int64_t>(site), group, ds.occurrence++};
+  c.start = start;
+  c.deadline = Deadline(start, site->timeout_ms());
 
-  ffi::Error result;
-  switch (dtype) {
-    case ffi::DataType::F32: result = RunTyped<float>(c, local_rank, call_id); break;
-    case ffi::DataType::F64: result = RunTyped<double>(c, local_rank, call_id); break;
-    case ffi::DataType::BF16: result = RunTyped<bf16_t>(c, local_rank, call_id); break;
-    case ffi::DataType::F16: result = RunTyped<f16_t>(c, local_rank, call_id); break;
-    case ffi::DataType::S32: result = RunTyped<int32_t>(c, local_rank, call_id); break;
-    case ffi::DataType::S64: result = RunTyped<int64_t>(c, local_rank, call_id); break;
-    default: break;
-  }
-  ++site.sequence;
-  return result;
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  RunOnWorker([c, promise]() mutable {
+    ffi::Error result = Execute(c);
+    // The next execution of this site (a loop's next iteration) may start as soon as the
+    // promise completes, on this very thread: release the site first.
+    c.ds->busy = false;
+    if (result.success()) {
+      promise.SetAvailable();
+    } else {
+      promise.SetError(std::move(result));
+    }
+  });
+  return future;
 }
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpuInstantiate, InstantiateCpu,
+                              ffi::Ffi::BindInstantiate()
+                                  .Attr<int32_t>("op")        // 0 sum, 1 max, 2 min
+                                  .Attr<ffi::Span<const int64_t>>("dims")  // topology grid
+                                  .Attr<int64_t>("timeout_ms")   // deadline of the call; < 0: none
+                                  .Attr<int64_t>("small_bytes")  // one-shot path at or below this
+                                  .Attr<int64_t>("module")    // lowering nonce of the module
+                                  .Attr<int64_t>("site")      // ordinal of the call in the module
+                                  .Attr<std::string_view>("name"));  // the module's name
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpu, AllreduceCpu,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::RunId>()          // same on all devices of one execution
-                                  .Ctx<ffi::DeviceOrdinal>()  // local device: keys per-site state
+                                  .Ctx<ffi::DeviceOrdinal>()  // local device: keys per-device state
+                                  .Ctx<ffi::State<Site>>()    // this instruction's call site
                                   .Arg<ffi::AnyBuffer>()      // rank in the reduced axes (int32)
                                   .Arg<ffi::AnyBuffer>()      // group: index over the other axes (int32)
                                   .RemainingArgs()            // the buffers to reduce, one dtype
-                                  .RemainingRets()            // results, may alias the buffers
-                                  .Attr<int32_t>("op")        // 0 sum, 1 max, 2 min
-                                  .Attr<int64_t>("call_id")   // call site, unique per lowered instruction
-                                  .Attr<ffi::Span<const int64_t>>("dims")  // topology grid
-                                  .Attr<int64_t>("timeout_ms")   // deadline of every wait
-                                  .Attr<int64_t>("small_bytes")  // one-shot path at or below this
-);
+                                  .RemainingRets());          // results, may alias the buffers
 
 }  // namespace jax_ddl

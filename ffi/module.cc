@@ -1,5 +1,5 @@
-// The nanobind module jax_ddl._ddl: the FFI handler registrations plus small runtime
-// controls (counters, topology parsing, test-only fault injection). No logic lives here.
+// The nanobind module jax_ddl._ddl: the FFI handler and state-type registrations plus
+// small runtime controls (counters, topology parsing, test-only faults). No logic here.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -8,17 +8,36 @@
 #include <vector>
 
 #include "cpu_handler.h"
+#include "executor.h"
 #include "membw.h"
 #include "mpi_transport.h"
 #include "rendezvous.h"
+#include "site.h"
 #include "topology.h"
 
 namespace nb = nanobind;
 
+namespace {
+const XLA_FFI_TypeInfo kSiteTypeInfo = xla::ffi::MakeTypeInfo<jax_ddl::Site>();
+
+nb::capsule Capsule(const void* p) { return nb::capsule(const_cast<void*>(p)); }
+}  // namespace
+
 NB_MODULE(_ddl, m) {
+  // {platform: {"instantiate": capsule, "execute": capsule}}
   m.def("registrations", []() {
+    nb::dict cpu;
+    cpu["instantiate"] = Capsule(reinterpret_cast<void*>(jax_ddl::kAllreduceCpuInstantiate));
+    cpu["execute"] = Capsule(reinterpret_cast<void*>(jax_ddl::kAllreduceCpu));
     nb::dict d;
-    d["cpu"] = nb::capsule(reinterpret_cast<void*>(jax_ddl::kAllreduceCpu));
+    d["cpu"] = cpu;
+    return d;
+  });
+  // The FFI state type of a call site: must be registered before the handlers.
+  m.def("site_type", []() {
+    nb::dict d;
+    d["type_id"] = Capsule(&jax_ddl::Site::id);
+    d["type_info"] = Capsule(&kSiteTypeInfo);
     return d;
   });
   m.def("parse_topology", [](const std::string& spec) {
@@ -34,10 +53,21 @@ NB_MODULE(_ddl, m) {
     d["bytes"] = c.bytes.load();
     d["errors"] = c.errors.load();
     d["small_calls"] = c.small_calls.load();
+    d["stale_messages"] = c.stale_messages.load();
     d["arrive_s"] = c.arrive_ns.load() * 1e-9;
     d["reduce_scatter_s"] = c.reduce_scatter_ns.load() * 1e-9;
     d["broadcast_s"] = c.broadcast_ns.load() * 1e-9;
     d["small_s"] = c.small_ns.load() * 1e-9;
+    d["quiesce_s"] = c.quiesce_ns.load() * 1e-9;
+    return d;
+  });
+  // Resources held now (not reset): call sites of live executables, worker threads,
+  // requests of failed calls that MPI has not finished.
+  m.def("resources", []() {
+    nb::dict d;
+    d["live_sites"] = jax_ddl::LiveSites();
+    d["worker_threads"] = jax_ddl::WorkerThreads();
+    d["abandoned_requests"] = jax_ddl::MpiAbandonedRequests();
     return d;
   });
   m.def("copy_bandwidth", &jax_ddl::CopyBandwidth, nb::arg("bytes_per_thread"),
@@ -49,17 +79,16 @@ NB_MODULE(_ddl, m) {
     if (!jax_ddl::MpiAttach(comms, process, processes, &error)) throw nb::value_error(error.c_str());
   }, nb::arg("comm_handles"), nb::arg("process"), nb::arg("processes"));
   m.def("reset_counters", []() { jax_ddl::GetCounters().Reset(); });
-  m.def("set_fault", [](const std::string& kind, int64_t rank) {
-    auto& f = jax_ddl::GetFault();
-    if (kind == "none") {
-      f.kind = 0;
-    } else if (kind == "skip") {
-      f.kind = static_cast<int>(jax_ddl::FaultKind::kSkip);
-    } else if (kind == "lie") {
-      f.kind = static_cast<int>(jax_ddl::FaultKind::kLie);
-    } else {
-      throw nb::value_error("fault kind must be 'none', 'skip' or 'lie'");
-    }
-    f.rank = rank;
-  });
+  m.def("set_fault", [](const std::string& kind, int64_t rank, int64_t ms, int64_t count) {
+    using jax_ddl::FaultKind;
+    FaultKind k;
+    if (kind == "none") k = FaultKind::kNone;
+    else if (kind == "skip") k = FaultKind::kSkip;
+    else if (kind == "lie") k = FaultKind::kLie;
+    else if (kind == "delay") k = FaultKind::kDelay;
+    else if (kind == "stall") k = FaultKind::kStall;
+    else if (kind == "short") k = FaultKind::kShort;
+    else throw nb::value_error("fault kind must be 'none', 'skip', 'lie', 'delay', 'stall' or 'short'");
+    jax_ddl::SetFault(k, rank, ms, count);
+  }, nb::arg("kind"), nb::arg("rank") = -1, nb::arg("ms") = 0, nb::arg("count") = -1);
 }

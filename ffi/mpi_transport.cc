@@ -1,16 +1,23 @@
-// MPI transport (see mpi_transport.h). Point-to-point messages with deadlines: blocking
-// collectives cannot time out, and a peer that never arrives must make this call fail
-// with its rank named, not hang. Reductions are ours (plan order), MPI only moves bytes.
+// MPI transport (see mpi_transport.h). Point-to-point messages polled against deadlines:
+// blocking collectives cannot time out, and a peer that never arrives must make the call
+// fail with its rank named, not hang. Reductions are jax_ddl's (plan order); MPI only
+// moves frames between jax_ddl's own buffers.
 #include "mpi_transport.h"
 
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if JAX_DDL_HAVE_MPI
@@ -19,6 +26,8 @@
 
 namespace jax_ddl {
 namespace {
+
+constexpr uint32_t kMagic = 0x4a444432;  // "JDD2"
 
 ProcessLayout g_layout;
 bool g_attached = false;
@@ -41,15 +50,64 @@ std::string RanksOf(const std::vector<int64_t>& processes) {
   return s;
 }
 
+int SiteTag(const CallLabel& l) { return static_cast<int>((l.site + l.copy * 4099) & 0x7fff); }
+
+int Tag(int site_tag, int kind, int64_t sender_slot) {
+  return (site_tag << 14) | (kind << 8) | static_cast<int>(sender_slot);
+}
+
+bool SameLabel(const WireHeader& h, const CallLabel& l) {
+  return h.module_hash == l.module_hash && h.site == l.site && h.copy == l.copy;
+}
+
+const char* ModeName(int32_t mode) {
+  switch (mode) {
+    case 1: return "across processes";
+    case 2: return "spanning processes";
+    default: return "inside one process";
+  }
+}
+
+std::string TopologyOf(const WireHeader& h) {
+  std::vector<int64_t> dims(h.dims, h.dims + std::min(h.ndims, kWireDims));
+  std::string s = FormatTopology(dims);
+  if (h.ndims > kWireDims) s += "x...";
+  return s + " (" + ModeName(h.mode) + ")";
+}
+
+// Why `theirs` (from `process`) is not the call `mine` describes, or "" if it is.
+std::string Disagreement(const WireHeader& mine, const WireHeader& theirs, int64_t process,
+                         DescribeFn describe) {
+  const std::string who = "process " + std::to_string(process);
+  if (mine.ndims != theirs.ndims || mine.dims_hash != theirs.dims_hash ||
+      !std::equal(mine.dims, mine.dims + kWireDims, theirs.dims) || mine.mode != theirs.mode) {
+    return "processes disagree on the topology of " + describe(mine) + ": this process uses " +
+           TopologyOf(mine) + ", " + who + " uses " + TopologyOf(theirs) +
+           ". Give every process the same topology= and JAX_DDL_TOPOLOGY";
+  }
+  if (mine.count != theirs.count || mine.num_buffers != theirs.num_buffers ||
+      mine.layout_hash != theirs.layout_hash || mine.dtype != theirs.dtype ||
+      mine.op != theirs.op) {
+    return "processes disagree on the call: this process has " + describe(mine) + ", " + who +
+           " has " + describe(theirs) +
+           "; every process must run the same program on the same shapes";
+  }
+  return "";
+}
+
 #if JAX_DDL_HAVE_MPI
 struct Api {
   decltype(&MPI_Isend) isend;
   decltype(&MPI_Irecv) irecv;
+  decltype(&MPI_Recv) recv;
   decltype(&MPI_Test) test;
+  decltype(&MPI_Iprobe) iprobe;
   decltype(&MPI_Cancel) cancel;
-  decltype(&MPI_Request_free) request_free;
+  decltype(&MPI_Get_count) get_count;
+  decltype(&MPI_Error_class) error_class;
+  decltype(&MPI_Error_string) error_string;
+  decltype(&MPI_Comm_get_attr) comm_get_attr;
   decltype(&MPI_Query_thread) query_thread;
-  decltype(&MPI_Get_library_version) library_version;
 };
 Api g_api;
 std::vector<MPI_Comm> g_comms;
@@ -61,117 +119,74 @@ bool Bind(void* lib, const char* name, F* fn, std::string* error) {
   return *fn != nullptr;
 }
 
-constexpr int kHeaderTag = 7100;
-constexpr int kDataTag = 7200;   // + stage (reduce-scatter) or + 100 + stage (all-gather)
-constexpr int kDoneTag = 7500;   // all messages of a call are through
-constexpr int kPairTag = 10000;  // + sending slot: streams between device threads
-constexpr int64_t kMaxSlots = 20000;  // kPairTag + slot stays below MPI's minimum tag bound
+std::string MpiErrorText(int rc) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (g_api.error_string(rc, text, &len) != MPI_SUCCESS) return "MPI error " + std::to_string(rc);
+  return std::string(text, len);
+}
 
-// The calling thread's outstanding requests, with the peer process each belongs to.
-struct Exchange {
-  std::vector<MPI_Request> reqs;
-  std::vector<int64_t> peer;  // process rank per request
-  std::vector<bool> is_recv;
-  std::vector<bool> done;
-  std::string error;  // the first failure to post, reported by Wait
+// After an MPI error (as opposed to a slow peer) the communicators cannot be trusted:
+// every later call fails at once with the first error.
+std::mutex g_poison_mu;
+std::string g_poison;
 
-  void Add(int rc, MPI_Request r, int64_t p, bool recv, const char* what) {
-    if (rc != MPI_SUCCESS) {
-      if (error.empty()) {
-        error = std::string("MPI error ") + std::to_string(rc) + " posting a " + what +
-                " with process " + std::to_string(p);
-      }
-      return;
-    }
-    reqs.push_back(r);
-    peer.push_back(p);
-    is_recv.push_back(recv);
-  }
+void Poison(const std::string& why) {
+  std::lock_guard<std::mutex> lock(g_poison_mu);
+  if (g_poison.empty()) g_poison = why;
+}
 
-  void Fail(const std::string& why) {
-    if (error.empty()) error = why;
-  }
+bool Poisoned(std::string* why) {
+  std::lock_guard<std::mutex> lock(g_poison_mu);
+  *why = g_poison;
+  return !g_poison.empty();
+}
 
-  // Waits for every request until `deadline`, polling (a blocking wait cannot time out).
-  // On expiry cancels what is left and names the processes whose messages never came.
-  bool Wait(Clock::time_point deadline, const char* stage, Failure* failure) {
-    done.assign(reqs.size(), false);
-    if (!error.empty()) {
-      failure->deadline = false;
-      failure->message = error + " (" + stage + ")";
-      Abandon();
-      return false;
-    }
-    size_t left = reqs.size();
-    auto pause = std::chrono::microseconds(5);
-    while (left > 0) {
-      bool progressed = false;
-      for (size_t i = 0; i < reqs.size(); ++i) {
-        if (done[i]) continue;
-        int flag = 0;
-        int rc = g_api.test(&reqs[i], &flag, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS) {
-          failure->deadline = false;
-          failure->message = std::string("MPI error ") + std::to_string(rc) + " during the " +
-                             stage + " with process " + std::to_string(peer[i]);
-          Abandon();
-          return false;
-        }
-        if (flag) {
-          done[i] = true;
-          --left;
-          progressed = true;
-        }
-      }
-      if (left == 0) break;
-      if (Clock::now() > deadline) {
-        std::vector<int64_t> missing;
-        for (size_t i = 0; i < reqs.size(); ++i) {
-          if (!done[i] && is_recv[i]) missing.push_back(peer[i]);
-        }
-        std::sort(missing.begin(), missing.end());
-        missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
-        failure->deadline = true;
-        failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
-                           ") never arrived at the " + stage +
-                           " (data from them did not come before the deadline)";
-        Abandon();
-        return false;
-      }
-      if (progressed) {
-        pause = std::chrono::microseconds(5);
-      } else {
-        std::this_thread::sleep_for(pause);
-        pause = std::min(pause * 2, std::chrono::microseconds(200));
-      }
-    }
-    reqs.clear();
-    peer.clear();
-    is_recv.clear();
-    return true;
-  }
-
-  void Abandon() {
-    for (size_t i = 0; i < reqs.size(); ++i) {
-      if ((i < done.size() && done[i]) || reqs[i] == MPI_REQUEST_NULL) continue;
-      if (is_recv[i]) g_api.cancel(&reqs[i]);
-      g_api.request_free(&reqs[i]);
-    }
-    reqs.clear();
-    peer.clear();
-    is_recv.clear();
-    error.clear();
-  }
+// Which call holds each (slot, call-site tag), how often each call site ran on each slot,
+// and handshake headers that arrived for a call this process has not reached yet.
+struct Book {
+  std::mutex mu;
+  std::map<std::pair<int64_t, int>, CallLabel> tags;
+  std::map<std::tuple<int64_t, uint64_t, int64_t, int64_t>, int64_t> seqs;
+  std::map<std::tuple<int64_t, int64_t, int>, WireHeader> stash;
 };
+Book& GetBook() {
+  static Book* book = new Book();
+  return *book;
+}
 
-// Per device thread and kept across calls: no allocation once warm.
-thread_local Exchange t_ex;
+// Requests of failed calls that MPI could not cancel, with everything they touch.
+struct Grave {
+  std::vector<MPI_Request> reqs;
+  std::deque<std::vector<char>> frames;
+  std::vector<std::vector<char>> buffers;
+};
+std::mutex g_grave_mu;
+std::vector<std::unique_ptr<Grave>> g_graves;
+std::atomic<int64_t> g_abandoned{0};
 
-bool CheckBytes(int64_t bytes, Failure* failure) {
-  if (bytes <= INT_MAX) return true;
-  failure->message = "a message of " + std::to_string(bytes) +
-                     " bytes exceeds MPI's int count; reduce fewer bytes per call";
-  return false;
+void SweepGraves() {
+  std::lock_guard<std::mutex> lock(g_grave_mu);
+  for (size_t i = 0; i < g_graves.size();) {
+    Grave& g = *g_graves[i];
+    bool all = true;
+    for (MPI_Request& r : g.reqs) {
+      if (r == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      g_api.test(&r, &flag, MPI_STATUS_IGNORE);  // errors: the request is over either way
+      if (flag) {
+        r = MPI_REQUEST_NULL;
+        g_abandoned.fetch_sub(1);
+      } else {
+        all = false;
+      }
+    }
+    if (all) {
+      g_graves.erase(g_graves.begin() + i);
+    } else {
+      ++i;
+    }
+  }
 }
 #endif
 
@@ -180,6 +195,15 @@ bool CheckBytes(int64_t bytes, Failure* failure) {
 bool MpiCompiledIn() { return JAX_DDL_HAVE_MPI != 0; }
 bool MpiAttached() { return g_attached; }
 const ProcessLayout& MpiLayout() { return g_layout; }
+
+int64_t MpiAbandonedRequests() {
+#if JAX_DDL_HAVE_MPI
+  if (g_attached) SweepGraves();
+  return g_abandoned.load();
+#else
+  return 0;
+#endif
+}
 
 bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_t processes,
                std::string* error) {
@@ -192,22 +216,38 @@ bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_
   }
   Api api{};
   if (!Bind(lib, "MPI_Isend", &api.isend, error) || !Bind(lib, "MPI_Irecv", &api.irecv, error) ||
-      !Bind(lib, "MPI_Test", &api.test, error) || !Bind(lib, "MPI_Cancel", &api.cancel, error) ||
-      !Bind(lib, "MPI_Request_free", &api.request_free, error) ||
-      !Bind(lib, "MPI_Query_thread", &api.query_thread, error) ||
-      !Bind(lib, "MPI_Get_library_version", &api.library_version, error)) {
+      !Bind(lib, "MPI_Recv", &api.recv, error) || !Bind(lib, "MPI_Test", &api.test, error) ||
+      !Bind(lib, "MPI_Iprobe", &api.iprobe, error) ||
+      !Bind(lib, "MPI_Cancel", &api.cancel, error) ||
+      !Bind(lib, "MPI_Get_count", &api.get_count, error) ||
+      !Bind(lib, "MPI_Error_class", &api.error_class, error) ||
+      !Bind(lib, "MPI_Error_string", &api.error_string, error) ||
+      !Bind(lib, "MPI_Comm_get_attr", &api.comm_get_attr, error) ||
+      !Bind(lib, "MPI_Query_thread", &api.query_thread, error)) {
     return false;
   }
   int provided = 0;
   api.query_thread(&provided);
   if (provided != MPI_THREAD_MULTIPLE) {
     *error = "MPI was initialised without MPI_THREAD_MULTIPLE (level " +
-             std::to_string(provided) + "); jax_ddl's device threads call it concurrently";
+             std::to_string(provided) + "); jax_ddl's threads call it concurrently";
     return false;
   }
   if (static_cast<int64_t>(comm_handles.size()) > kMaxSlots) {
     *error = "at most " + std::to_string(kMaxSlots) + " local devices per process can attach";
     return false;
+  }
+  for (int64_t h : comm_handles) {
+    int* tag_ub = nullptr;
+    int flag = 0;
+    api.comm_get_attr(static_cast<MPI_Comm>(h), MPI_TAG_UB, &tag_ub, &flag);
+    const int need = Tag(0x7fff, 2 + 2 * kMaxMpiStages - 1, kMaxSlots - 1);
+    if (!flag || tag_ub == nullptr || *tag_ub < need) {
+      *error = "this MPI's largest tag (MPI_TAG_UB = " +
+               std::to_string(flag && tag_ub ? *tag_ub : -1) + ") is below the " +
+               std::to_string(need) + " jax_ddl's message streams need; use MPICH";
+      return false;
+    }
   }
   g_comms.clear();
   for (int64_t h : comm_handles) g_comms.push_back(static_cast<MPI_Comm>(h));
@@ -222,195 +262,531 @@ bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_
 #endif
 }
 
-bool MpiHandshake(int64_t slot, const std::vector<int64_t>& processes,
-                  const ProcessHeader& header, DescribeFn describe, Clock::time_point deadline,
-                  Failure* failure) {
 #if JAX_DDL_HAVE_MPI
-  if (!g_attached || slot < 0 || slot >= static_cast<int64_t>(g_comms.size())) {
-    failure->message = "no MPI communicator for local slot " + std::to_string(slot);
-    return false;
-  }
-  MPI_Comm comm = g_comms[slot];
-  thread_local std::vector<ProcessHeader> theirs;
-  theirs.assign(processes.size(), ProcessHeader{});
-  for (size_t i = 0; i < processes.size(); ++i) {
-    const int p = static_cast<int>(processes[i]);
-    MPI_Request r;
-    int rc = g_api.irecv(&theirs[i], sizeof(ProcessHeader), MPI_BYTE, p, kHeaderTag, comm, &r);
-    t_ex.Add(rc, r, p, true, "header receive");
-    rc = g_api.isend(&header, sizeof(ProcessHeader), MPI_BYTE, p, kHeaderTag, comm, &r);
-    t_ex.Add(rc, r, p, false, "header send");
-  }
-  if (!t_ex.Wait(deadline, "cross-process handshake", failure)) return false;
-  for (size_t i = 0; i < processes.size(); ++i) {
-    if (!(theirs[i] == header)) {
-      failure->deadline = false;
-      failure->message = "processes disagree on the call: this process has " +
-                         describe(header) + ", process " + std::to_string(processes[i]) +
-                         " has " + describe(theirs[i]) +
-                         "; every process must run the same program on the same shapes";
-      return false;
+
+struct MpiCall::Impl {
+  CallLabel label;
+  int site_tag = 0;
+  Clock::time_point deadline;
+  std::string error;  // why the call cannot start, if it cannot
+  bool reserved = false;
+
+  // An expected incoming frame.
+  struct Recv {
+    int64_t process, slot;
+    int kind;
+    char* frame;
+    int64_t bytes;
+    MPI_Request req = MPI_REQUEST_NULL;
+    bool done = false;
+  };
+  std::vector<Recv> recvs;
+  std::vector<MPI_Request> sends;
+  std::vector<int64_t> send_peers;
+  std::deque<std::vector<char>> own;  // handshake and done frames
+  std::string post_error;             // the first failure to post, reported by Wait
+  std::function<bool(Failure*)> watch;
+
+  void Post(Recv& r, int64_t my_slot) {
+    r.done = false;
+    const int rc = g_api.irecv(r.frame, static_cast<int>(kFrameHeader + r.bytes), MPI_BYTE,
+                               static_cast<int>(r.process), Tag(site_tag, r.kind, r.slot),
+                               g_comms[my_slot], &r.req);
+    if (rc != MPI_SUCCESS && post_error.empty()) {
+      post_error = "MPI error posting a receive from process " + std::to_string(r.process) +
+                   ": " + MpiErrorText(rc);
+      Poison(post_error);
     }
   }
-  return true;
-#else
-  failure->message = "this build of jax_ddl has no MPI transport";
-  return false;
-#endif
+};
+
+MpiCall::MpiCall(int64_t slot, const CallLabel& label, Clock::time_point deadline)
+    : impl_(new Impl()), slot_(slot) {
+  Impl& m = *impl_;
+  m.label = label;
+  m.site_tag = SiteTag(label);
+  m.deadline = deadline;
+  if (!g_attached || slot < 0 || slot >= static_cast<int64_t>(g_comms.size())) {
+    m.error = "no MPI communicator for local slot " + std::to_string(slot);
+    return;
+  }
+  SweepGraves();
+  std::string poison;
+  if (Poisoned(&poison)) {
+    m.error = "the MPI transport failed earlier and cannot be used safely any more (" +
+              poison + "); restart the job";
+    return;
+  }
+  Book& book = GetBook();
+  std::lock_guard<std::mutex> lock(book.mu);
+  auto [it, fresh] = book.tags.emplace(std::make_pair(slot, m.site_tag), label);
+  if (!fresh) {
+    const CallLabel& other = it->second;
+    m.error = "call sites " + std::to_string(label.site) + " (copy " + std::to_string(label.copy) +
+              ") and " + std::to_string(other.site) + " (copy " + std::to_string(other.copy) +
+              ") of this program are in flight at once on local device " +
+              std::to_string(slot) + " and share MPI tags; a program may hold up to 4099 "
+              "jax_ddl call sites with up to 7 copies each";
+    return;
+  }
+  m.reserved = true;
+  seq_ = book.seqs[{slot, label.module_hash, label.site, label.copy}]++;
 }
 
-#if JAX_DDL_HAVE_MPI
-namespace {
-// One message of a pair stream: to (process, slot) on that slot's communicator, or from
-// it on ours; the tag is the sending slot.
-void Post(bool send, int64_t my_slot, int64_t process, int64_t slot, char* data,
-          int64_t bytes) {
-  if (bytes > INT_MAX) {
-    t_ex.Fail("a message of " + std::to_string(bytes) +
-              " bytes exceeds MPI's int count; reduce fewer bytes per call");
+MpiCall::~MpiCall() {
+  Impl& m = *impl_;
+  if (!m.sends.empty() || !m.recvs.empty()) Abandon(nullptr);
+  if (m.reserved) {
+    Book& book = GetBook();
+    std::lock_guard<std::mutex> lock(book.mu);
+    book.tags.erase({slot_, m.site_tag});
+  }
+  delete impl_;
+}
+
+void MpiCall::Watch(std::function<bool(Failure*)> failed) { impl_->watch = std::move(failed); }
+
+bool MpiCall::ok(Failure* failure) const {
+  if (impl_->error.empty()) return true;
+  failure->deadline = false;
+  failure->message = impl_->error;
+  return false;
+}
+
+void MpiCall::PostSend(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes) {
+  Impl& m = *impl_;
+  WireHeader h;
+  h.magic = kMagic;
+  h.kind = static_cast<uint32_t>(kind);
+  h.module_hash = m.label.module_hash;
+  h.site = m.label.site;
+  h.copy = m.label.copy;
+  h.seq = seq_;
+  h.payload_bytes = bytes;
+  std::memcpy(frame, &h, sizeof(h));
+  int64_t total = kFrameHeader + bytes;
+  if (bytes > 0 && FaultArmed(FaultKind::kShort, -1)) total -= 1;  // test fault: a short frame
+  if (total > INT_MAX) {
+    if (m.post_error.empty()) {
+      m.post_error = "a message of " + std::to_string(total) +
+                     " bytes exceeds MPI's int count; reduce fewer bytes per call";
+    }
     return;
   }
   MPI_Request r;
-  const int peer = static_cast<int>(process);
-  const int count = static_cast<int>(bytes);
-  const int tag = kPairTag + static_cast<int>(send ? my_slot : slot);
-  const int rc = send ? g_api.isend(data, count, MPI_BYTE, peer, tag, g_comms[slot], &r)
-                      : g_api.irecv(data, count, MPI_BYTE, peer, tag, g_comms[my_slot], &r);
-  t_ex.Add(rc, r, process, !send, send ? "send" : "receive");
-}
-}  // namespace
-#endif
-
-void MpiPostSend(int64_t my_slot, int64_t process, int64_t slot, const char* data,
-                 int64_t bytes) {
-#if JAX_DDL_HAVE_MPI
-  Post(true, my_slot, process, slot, const_cast<char*>(data), bytes);  // MPI only reads it
-#else
-  (void)my_slot, (void)process, (void)slot, (void)data, (void)bytes;
-#endif
+  const int rc = g_api.isend(frame, static_cast<int>(total), MPI_BYTE, static_cast<int>(process),
+                             Tag(m.site_tag, kind, slot_), g_comms[slot], &r);
+  if (rc != MPI_SUCCESS) {
+    if (m.post_error.empty()) {
+      m.post_error = "MPI error posting a send to process " + std::to_string(process) + ": " +
+                     MpiErrorText(rc);
+      Poison(m.post_error);
+    }
+    return;
+  }
+  m.sends.push_back(r);
+  m.send_peers.push_back(process);
 }
 
-void MpiPostRecv(int64_t my_slot, int64_t process, int64_t slot, char* data, int64_t bytes) {
-#if JAX_DDL_HAVE_MPI
-  Post(false, my_slot, process, slot, data, bytes);
-#else
-  (void)my_slot, (void)process, (void)slot, (void)data, (void)bytes;
-#endif
+void MpiCall::PostRecv(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes) {
+  Impl& m = *impl_;
+  if (kFrameHeader + bytes > INT_MAX) {
+    if (m.post_error.empty()) {
+      m.post_error = "a message of " + std::to_string(kFrameHeader + bytes) +
+                     " bytes exceeds MPI's int count; reduce fewer bytes per call";
+    }
+    return;
+  }
+  m.recvs.push_back(Impl::Recv{process, slot, kind, frame, bytes});
+  m.Post(m.recvs.back(), slot_);
 }
 
-bool MpiWait(Clock::time_point deadline, const char* stage, Failure* failure) {
-#if JAX_DDL_HAVE_MPI
-  return t_ex.Wait(deadline, stage, failure);
-#else
-  (void)deadline, (void)stage;
-  failure->message = "this build of jax_ddl has no MPI transport";
-  return false;
-#endif
-}
-
-bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, ReduceFn reduce,
-                  const Plan& plan, const ProcessHeader& header, DescribeFn describe,
-                  Clock::time_point deadline, std::vector<char>* scratch, Failure* failure) {
-#if JAX_DDL_HAVE_MPI
-  if (!g_attached || slot < 0 || slot >= static_cast<int64_t>(g_comms.size())) {
-    failure->message = "no MPI communicator for local slot " + std::to_string(slot);
+bool MpiCall::Wait(const char* stage, Failure* failure) {
+  Impl& m = *impl_;
+  failure->deadline = false;
+  if (!m.post_error.empty()) {
+    failure->message = m.post_error + " (" + stage + ")";
     return false;
   }
-  MPI_Comm comm = g_comms[slot];
-  const int64_t me = g_layout.process;
-  Exchange& ex = t_ex;
-  thread_local std::vector<int64_t> peers;
-  thread_local std::vector<const char*> srcs;
-
-  // Headers first: every peer of every stage must be running the same call.
-  peers.clear();
-  for (int s = 0; s < plan.num_stages(); ++s) {
-    for (int64_t g = 0; g < plan.dim(s); ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      if (q != me) peers.push_back(q);
-    }
-  }
-  if (!MpiHandshake(slot, peers, header, describe, deadline, failure)) return false;
-
-  // Reduce-scatter, stage by stage: receive every group peer's copy of the slice this
-  // process owns next, reduce the copies in group order.
-  const int stages = plan.num_stages();
-  for (int s = 0; s < stages; ++s) {
-    const int64_t k = plan.dim(s);
-    if (k == 1) continue;
-    const Range mine = plan.Region(me, s + 1, n);
-    if (!CheckBytes(plan.Region(me, s, n).size() * elem, failure)) return false;
-    scratch->resize(std::max<size_t>(scratch->size(), (k - 1) * mine.size() * elem + 1));
-    int64_t slot_i = 0;
-    for (int64_t g = 0; g < k; ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      if (q == me) continue;
-      const Range theirs_r = plan.Region(q, s + 1, n);
-      MPI_Request r;
-      int rc = g_api.irecv(scratch->data() + slot_i * mine.size() * elem,
-                           static_cast<int>(mine.size() * elem), MPI_BYTE, static_cast<int>(q),
-                           kDataTag + s, comm, &r);
-      ex.Add(rc, r, q, true, "receive");
-      rc = g_api.isend(data + theirs_r.begin * elem, static_cast<int>(theirs_r.size() * elem),
-                       MPI_BYTE, static_cast<int>(q), kDataTag + s, comm, &r);
-      ex.Add(rc, r, q, false, "send");
-      ++slot_i;
-    }
-    if (!ex.Wait(deadline, "cross-process reduce-scatter", failure)) return false;
-    srcs.clear();
-    slot_i = 0;
-    for (int64_t g = 0; g < k; ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      if (q == me) {
-        srcs.push_back(data + mine.begin * elem);
-      } else {
-        srcs.push_back(scratch->data() + slot_i * mine.size() * elem);
-        ++slot_i;
+  auto fatal = [&](int rc, int64_t process) {
+    failure->message = "MPI error during the " + std::string(stage) + " with process " +
+                       std::to_string(process) + ": " + MpiErrorText(rc);
+    Poison(failure->message);
+    return false;
+  };
+  size_t left = m.recvs.size() + m.sends.size();
+  auto pause = std::chrono::microseconds(5);
+  while (left > 0) {
+    bool progressed = false;
+    for (size_t i = 0; i < m.sends.size(); ++i) {
+      if (m.sends[i] == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      const int rc = g_api.test(&m.sends[i], &flag, MPI_STATUS_IGNORE);
+      if (rc != MPI_SUCCESS) return fatal(rc, m.send_peers[i]);
+      if (flag) {
+        m.sends[i] = MPI_REQUEST_NULL;
+        --left;
+        progressed = true;
       }
     }
-    reduce(op, srcs.data(), k, data + mine.begin * elem, mine.size());
-  }
-  // All-gather in reverse: send the slice owned after stage s to every group peer and
-  // receive theirs in place.
-  for (int s = stages - 1; s >= 0; --s) {
-    const int64_t k = plan.dim(s);
-    if (k == 1) continue;
-    const Range mine = plan.Region(me, s + 1, n);
-    for (int64_t g = 0; g < k; ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      if (q == me) continue;
-      const Range theirs_r = plan.Region(q, s + 1, n);
-      MPI_Request r;
-      int rc = g_api.irecv(data + theirs_r.begin * elem, static_cast<int>(theirs_r.size() * elem),
-                           MPI_BYTE, static_cast<int>(q), kDataTag + 100 + s, comm, &r);
-      ex.Add(rc, r, q, true, "receive");
-      rc = g_api.isend(data + mine.begin * elem, static_cast<int>(mine.size() * elem), MPI_BYTE,
-                       static_cast<int>(q), kDataTag + 100 + s, comm, &r);
-      ex.Add(rc, r, q, false, "send");
+    for (Impl::Recv& r : m.recvs) {
+      if (r.done) continue;
+      int flag = 0;
+      MPI_Status status;
+      int rc = g_api.test(&r.req, &flag, &status);
+      bool truncated = false;
+      if (rc != MPI_SUCCESS) {
+        int cls = 0;
+        g_api.error_class(rc, &cls);
+        if (cls != MPI_ERR_TRUNCATE) return fatal(rc, r.process);
+        truncated = true;  // a longer message than expected: its header says whose
+        flag = 1;
+      }
+      if (!flag) continue;
+      progressed = true;
+      r.req = MPI_REQUEST_NULL;
+      int got = -1;
+      if (!truncated) g_api.get_count(&status, MPI_BYTE, &got);
+      WireHeader h;
+      std::memcpy(&h, r.frame, sizeof(h));
+      const bool ours = got >= static_cast<int>(sizeof(WireHeader)) || truncated;
+      if (ours && h.magic == kMagic && SameLabel(h, m.label) && h.seq < seq_) {
+        // A late frame of a call this process gave up on: drop it, wait for ours.
+        GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
+        m.Post(r, slot_);
+        if (!m.post_error.empty()) {
+          failure->message = m.post_error;
+          return false;
+        }
+        continue;
+      }
+      const int64_t want = kFrameHeader + r.bytes;
+      if (!ours || h.magic != kMagic || !SameLabel(h, m.label) || h.seq != seq_ ||
+          static_cast<int>(h.kind) != r.kind || h.payload_bytes != r.bytes || truncated ||
+          got != want) {
+        std::string what;
+        if (!ours || h.magic != kMagic) {
+          what = "a message that is not a jax_ddl frame";
+        } else if (!SameLabel(h, m.label) || h.seq != seq_) {
+          what = "a frame of another call (call " + std::to_string(h.site) + ", attempt " +
+                 std::to_string(h.seq) + "; this is call " + std::to_string(m.label.site) +
+                 ", attempt " + std::to_string(seq_) + ")";
+        } else {
+          what = std::string("a ") + (truncated ? "longer" : "frame of " + std::to_string(got)) +
+                 " byte" + (truncated ? " frame" : "s") + " where " + std::to_string(want) +
+                 " were expected";
+        }
+        failure->message = "process " + std::to_string(r.process) + " sent " + what +
+                           " during the " + stage;
+        r.done = true;
+        return false;
+      }
+      r.done = true;
+      --left;
     }
-    if (!ex.Wait(deadline, "cross-process all-gather", failure)) return false;
+    if (left == 0) break;
+    if (m.watch && m.watch(failure)) return false;
+    if (Clock::now() > m.deadline) {
+      std::vector<int64_t> missing;
+      for (const Impl::Recv& r : m.recvs) {
+        if (!r.done) missing.push_back(r.process);
+      }
+      std::sort(missing.begin(), missing.end());
+      missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
+      failure->deadline = true;
+      if (missing.empty()) {
+        failure->message = std::string("the ") + stage +
+                           " did not complete before the deadline (messages to other "
+                           "processes were not taken up)";
+      } else {
+        failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
+                           ") never arrived at the " + stage +
+                           " (data from them did not come before the deadline)";
+      }
+      return false;
+    }
+    if (progressed) {
+      pause = std::chrono::microseconds(5);
+    } else {
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(200));
+    }
   }
-  // MPI's progress is weak: a send may need its receiver to go on calling MPI after the
-  // receive completed. Before leaving, tell every peer all is through and wait for the
-  // same word back, so no process leaves while a peer's sends still need it.
-  static const char kDone = 1;
-  thread_local std::vector<char> words;
-  words.assign(peers.size(), 0);
+  m.recvs.clear();
+  m.sends.clear();
+  m.send_peers.clear();
+  return true;
+}
+
+bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) {
+  Impl& m = *impl_;
+  mine.magic = kMagic;
+  mine.kind = kHandshake;
+  mine.module_hash = m.label.module_hash;
+  mine.site = m.label.site;
+  mine.copy = m.label.copy;
+  mine.seq = seq_;
+  mine.payload_bytes = 0;
+  const int64_t me = g_layout.process;
+  MPI_Comm comm = g_comms[slot_];
+  const int tag = Tag(m.site_tag, kHandshake, slot_);
+  failure->deadline = false;
+
+  // What to do with a header from `q`: 1 = it is this call's, 0 = a late one (drop it and
+  // keep waiting), -1 = this call cannot succeed (*failure says why).
+  auto classify = [&](const WireHeader& h, int64_t q) -> int {
+    const std::string who = "process " + std::to_string(q);
+    if (h.magic != kMagic) {
+      failure->message = who + " sent a message that is not a jax_ddl handshake";
+      return -1;
+    }
+    Book& book = GetBook();
+    if (!SameLabel(h, m.label) || h.seq > seq_) {
+      {
+        std::lock_guard<std::mutex> lock(book.mu);
+        book.stash[{slot_, q, m.site_tag}] = h;  // for the call it belongs to
+      }
+      if (!SameLabel(h, m.label)) {
+        failure->message = who + " is at another jax_ddl call (call " + std::to_string(h.site) +
+                           " of " + std::string(h.module_name, strnlen(h.module_name, 64)) +
+                           ") where this process runs " + describe(mine) +
+                           "; every process must run the same program";
+      } else {
+        failure->message = who + " has already given up on " + describe(mine) +
+                           " (it is at attempt " + std::to_string(h.seq) +
+                           " of this call site, this process at attempt " +
+                           std::to_string(seq_) + "), after a timeout or a failure there";
+      }
+      return -1;
+    }
+    if (h.seq < seq_) {
+      GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
+      return 0;
+    }
+    const std::string why = Disagreement(mine, h, q, describe);
+    if (!why.empty()) {
+      failure->message = why;
+      return -1;
+    }
+    // A process that gave up on this call has sent its next attempt's header behind
+    // this one: then this call cannot complete there.
+    for (;;) {
+      int flag = 0;
+      MPI_Status st;
+      g_api.iprobe(static_cast<int>(q), tag, comm, &flag, &st);
+      if (!flag) return 1;
+      WireHeader next;
+      std::vector<char> buf(kFrameHeader);
+      if (g_api.recv(buf.data(), static_cast<int>(kFrameHeader), MPI_BYTE, static_cast<int>(q),
+                     tag, comm, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+        failure->message = "MPI error receiving a handshake from " + who;
+        return -1;
+      }
+      std::memcpy(&next, buf.data(), sizeof(next));
+      if (next.magic == kMagic && SameLabel(next, m.label) && next.seq > seq_) {
+        std::lock_guard<std::mutex> lock(book.mu);
+        book.stash[{slot_, q, m.site_tag}] = next;
+        failure->message = who + " gave up on " + describe(mine) + " while answering it";
+        return -1;
+      }
+      GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
+    }
+  };
+
+  // Post a receive for every peer without a stashed header, and send ours to all.
+  std::vector<int64_t> peers;
+  for (int64_t q = 0; q < g_layout.processes; ++q) {
+    if (q != me) peers.push_back(q);
+  }
+  std::vector<int> state(peers.size(), 0);  // 0 waiting, 1 matched
+  std::vector<Impl::Recv> recvs;
+  recvs.reserve(peers.size());
   for (size_t i = 0; i < peers.size(); ++i) {
-    MPI_Request r;
-    const int q = static_cast<int>(peers[i]);
-    int rc = g_api.irecv(&words[i], 1, MPI_BYTE, q, kDoneTag, comm, &r);
-    ex.Add(rc, r, q, true, "receive");
-    rc = g_api.isend(&kDone, 1, MPI_BYTE, q, kDoneTag, comm, &r);
-    ex.Add(rc, r, q, false, "send");
+    m.own.emplace_back(kFrameHeader);
+    recvs.push_back(Impl::Recv{peers[i], slot_, kHandshake, m.own.back().data(), 0});
   }
-  return ex.Wait(deadline, "cross-process completion", failure);
-#else
-  (void)slot, (void)data, (void)n, (void)elem, (void)op, (void)reduce, (void)plan,
-      (void)header, (void)describe, (void)deadline, (void)scratch;
+  for (size_t i = 0; i < peers.size(); ++i) {
+    WireHeader stashed;
+    bool have = false;
+    {
+      Book& book = GetBook();
+      std::lock_guard<std::mutex> lock(book.mu);
+      auto it = book.stash.find({slot_, peers[i], m.site_tag});
+      if (it != book.stash.end()) {
+        stashed = it->second;
+        book.stash.erase(it);
+        have = true;
+      }
+    }
+    int verdict = 0;
+    if (have) verdict = classify(stashed, peers[i]);
+    if (verdict < 0) return false;
+    if (verdict == 1) {
+      state[i] = 1;
+      recvs[i].done = true;
+    } else {
+      m.Post(recvs[i], slot_);
+    }
+  }
+  for (int64_t q : peers) {
+    m.own.emplace_back(kFrameHeader);
+    std::memcpy(m.own.back().data(), &mine, sizeof(mine));
+    MPI_Request r;
+    const int rc = g_api.isend(m.own.back().data(), static_cast<int>(kFrameHeader), MPI_BYTE,
+                               static_cast<int>(q), tag, comm, &r);
+    if (rc != MPI_SUCCESS) {
+      failure->message = "MPI error sending the handshake to process " + std::to_string(q) +
+                         ": " + MpiErrorText(rc);
+      Poison(failure->message);
+      for (auto& r2 : recvs) {
+        if (!r2.done) m.recvs.push_back(r2);
+      }
+      return false;
+    }
+    m.sends.push_back(r);
+    m.send_peers.push_back(q);
+  }
+  // Receives stay in `recvs` until matched; unmatched ones move to the call's list on
+  // failure, so Abandon cancels them.
+  auto give_up = [&]() {
+    for (auto& r : recvs) {
+      if (!r.done && r.req != MPI_REQUEST_NULL) m.recvs.push_back(r);
+    }
+    return false;
+  };
+  if (!m.post_error.empty()) {
+    failure->message = m.post_error;
+    return give_up();
+  }
+  size_t left = std::count(state.begin(), state.end(), 0);
+  auto pause = std::chrono::microseconds(5);
+  while (left > 0) {
+    bool progressed = false;
+    for (size_t i = 0; i < peers.size(); ++i) {
+      if (state[i]) continue;
+      int flag = 0;
+      const int rc = g_api.test(&recvs[i].req, &flag, MPI_STATUS_IGNORE);
+      if (rc != MPI_SUCCESS) {
+        failure->message = "MPI error during the cross-process handshake with process " +
+                           std::to_string(peers[i]) + ": " + MpiErrorText(rc);
+        Poison(failure->message);
+        recvs[i].req = MPI_REQUEST_NULL;
+        return give_up();
+      }
+      if (!flag) continue;
+      progressed = true;
+      recvs[i].req = MPI_REQUEST_NULL;
+      WireHeader h;
+      std::memcpy(&h, recvs[i].frame, sizeof(h));
+      const int verdict = classify(h, peers[i]);
+      if (verdict < 0) {
+        recvs[i].done = true;
+        return give_up();
+      }
+      if (verdict == 0) {
+        m.Post(recvs[i], slot_);
+        continue;
+      }
+      state[i] = 1;
+      recvs[i].done = true;
+      --left;
+    }
+    if (left == 0) break;
+    if (m.watch && m.watch(failure)) return give_up();
+    if (Clock::now() > m.deadline) {
+      std::vector<int64_t> missing;
+      for (size_t i = 0; i < peers.size(); ++i) {
+        if (!state[i]) missing.push_back(peers[i]);
+      }
+      failure->deadline = true;
+      failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
+                         ") never arrived at the cross-process handshake of " + describe(mine);
+      return give_up();
+    }
+    if (progressed) {
+      pause = std::chrono::microseconds(5);
+    } else {
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(200));
+    }
+  }
+  return true;
+}
+
+bool MpiCall::Done(const std::vector<std::pair<int64_t, int64_t>>& peers, Failure* failure) {
+  Impl& m = *impl_;
+  for (const auto& [process, slot] : peers) {
+    m.own.emplace_back(kFrameHeader);
+    PostRecv(process, slot, kDone, m.own.back().data(), 0);
+    m.own.emplace_back(kFrameHeader);
+    PostSend(process, slot, kDone, m.own.back().data(), 0);
+  }
+  return Wait("cross-process completion", failure);
+}
+
+void MpiCall::Abandon(std::vector<std::vector<char>>* buffers) {
+  Impl& m = *impl_;
+  std::vector<MPI_Request> pending;
+  for (Impl::Recv& r : m.recvs) {
+    if (r.done || r.req == MPI_REQUEST_NULL) continue;
+    g_api.cancel(&r.req);
+    pending.push_back(r.req);
+  }
+  for (MPI_Request r : m.sends) {
+    if (r != MPI_REQUEST_NULL) pending.push_back(r);
+  }
+  m.recvs.clear();
+  m.sends.clear();
+  m.send_peers.clear();
+  // Cancelled receives and sends already taken up finish at once; give them a moment.
+  const auto until = Clock::now() + std::chrono::milliseconds(20);
+  for (;;) {
+    bool all = true;
+    for (MPI_Request& r : pending) {
+      if (r == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      g_api.test(&r, &flag, MPI_STATUS_IGNORE);
+      if (flag) r = MPI_REQUEST_NULL;
+      else all = false;
+    }
+    if (all || Clock::now() > until) break;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  pending.erase(std::remove(pending.begin(), pending.end(), MPI_REQUEST_NULL), pending.end());
+  if (pending.empty()) return;
+  auto grave = std::make_unique<Grave>();
+  grave->reqs = std::move(pending);
+  grave->frames = std::move(m.own);
+  m.own.clear();
+  if (buffers != nullptr) {
+    grave->buffers = std::move(*buffers);
+    buffers->clear();
+  }
+  g_abandoned.fetch_add(static_cast<int64_t>(grave->reqs.size()));
+  std::lock_guard<std::mutex> lock(g_grave_mu);
+  g_graves.push_back(std::move(grave));
+}
+
+#else  // no MPI in this build: every call fails at once
+
+struct MpiCall::Impl {};
+void MpiCall::Watch(std::function<bool(Failure*)>) {}
+MpiCall::MpiCall(int64_t slot, const CallLabel&, Clock::time_point)
+    : impl_(new Impl()), slot_(slot) {}
+MpiCall::~MpiCall() { delete impl_; }
+bool MpiCall::ok(Failure* failure) const {
   failure->message = "this build of jax_ddl has no MPI transport";
   return false;
-#endif
 }
+bool MpiCall::Handshake(WireHeader, DescribeFn, Failure* failure) { return ok(failure); }
+void MpiCall::PostSend(int64_t, int64_t, int, char*, int64_t) {}
+void MpiCall::PostRecv(int64_t, int64_t, int, char*, int64_t) {}
+bool MpiCall::Wait(const char*, Failure* failure) { return ok(failure); }
+bool MpiCall::Done(const std::vector<std::pair<int64_t, int64_t>>&, Failure* failure) {
+  return ok(failure);
+}
+void MpiCall::Abandon(std::vector<std::vector<char>>*) {}
+
+#endif
 
 }  // namespace jax_ddl

@@ -1,9 +1,18 @@
 // Process-level transport over MPI for the allreduce across processes. The MPI library is
 // bound at run time: after mpi4py has loaded it, Attach finds it with dlopen(RTLD_NOLOAD)
 // and its functions with dlsym, so _ddl links no MPI and loads where there is none.
+//
+// Every message of a call is one frame, a header and its payload, verified before its
+// bytes are used: the handshake's header says which call (call site and how many times
+// this process has run it) and what every process must agree on; a data frame's header
+// names the call, the stage and the payload's size, which must match exactly. Late
+// messages of a call that failed (a slow but alive peer) are recognised and discarded,
+// never taken for the next call's. Frames live in jax_ddl's own buffers, never XLA's.
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -12,25 +21,46 @@
 
 namespace jax_ddl {
 
-// Reduces `n_src` arrays of `n` accumulator elements into `dst` in the order given.
-using ReduceFn = void (*)(int op, const char* const* srcs, int64_t n_src, char* dst, int64_t n);
-
-// What processes must agree on for one cross-process exchange; checked on receipt.
-struct ProcessHeader {
-  int64_t call_id = 0;
-  int64_t count = 0;  // elements of the whole call (all buffers)
-  int64_t dtype = 0;
-  int64_t op = 0;
-  int64_t num_buffers = 0;
-  int64_t layout_hash = 0;  // of the per-buffer element counts: where messages split
-  bool operator==(const ProcessHeader& o) const {
-    return call_id == o.call_id && count == o.count && dtype == o.dtype && op == o.op &&
-           num_buffers == o.num_buffers && layout_hash == o.layout_hash;
-  }
+// A call site as every process names it.
+struct CallLabel {
+  uint64_t module_hash = 0;
+  int64_t site = 0;
+  int64_t copy = 0;
 };
 
-// "call 3 (4096 elements of float32, sum)", for messages.
-using DescribeFn = std::string (*)(const ProcessHeader&);
+constexpr int kWireDims = 16;       // topology dimensions carried in a header
+constexpr int kMaxMpiStages = 31;   // stages one call may run over MPI
+constexpr int64_t kMaxSlots = 256;  // local devices per process (a tag field)
+
+// The header of every cross-process frame. The handshake's carries everything the
+// processes must agree on; a data message's names its call, stage and size.
+struct WireHeader {
+  uint32_t magic = 0;
+  uint32_t kind = 0;  // message kind (see MpiCall): handshake, done or a stage
+  uint64_t module_hash = 0;
+  int64_t site = 0;
+  int64_t copy = 0;
+  int64_t seq = 0;            // how many times this process ran the call site before
+  int64_t payload_bytes = 0;  // data messages: bytes that follow
+  // Handshake only.
+  int64_t count = 0;  // elements of the whole call (all buffers)
+  int64_t num_buffers = 0;
+  int64_t layout_hash = 0;  // of the per-buffer element counts
+  int32_t dtype = 0;
+  int32_t op = 0;
+  int32_t mode = 0;   // how the plan maps onto processes (Mode)
+  int32_t ndims = 0;  // topology dimensions (only the first kWireDims are carried)
+  int64_t dims[kWireDims] = {};
+  uint64_t dims_hash = 0;
+  int64_t timeout_ms = 0;
+  char module_name[64] = {};
+};
+
+// Bytes before a frame's payload (the header, padded so payloads stay aligned).
+constexpr int64_t kFrameHeader = (sizeof(WireHeader) + 63) / 64 * 64;
+
+// "call 3 of jit_step (4096 elements of float32, sum, topology 4x2 across processes)".
+using DescribeFn = std::string (*)(const WireHeader&);
 
 struct ProcessLayout {
   int64_t process = 0;    // this process's MPI rank
@@ -44,38 +74,70 @@ const ProcessLayout& MpiLayout();
 
 // Binds the MPI library already loaded in this process and the per-slot communicators
 // (MPI handles, one per local device slot, each spanning all processes). Returns false
-// with *error when there is no MPI, it is not MPICH-ABI, or it lacks MPI_THREAD_MULTIPLE.
+// with *error when there is no MPI, it is not MPICH-ABI, it lacks MPI_THREAD_MULTIPLE,
+// or its tags are too narrow for jax_ddl's streams.
 bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_t processes,
                std::string* error);
 
 // Whether this build has the transport (MPI headers were found at build time).
 bool MpiCompiledIn();
 
-// Exchanges `header` with the same slot of each of `processes` (the list must be
-// symmetric: q lists this process when it is listed here) and compares. Fails naming the
-// processes that never answered by `deadline`, or describing both sides of a mismatch.
-bool MpiHandshake(int64_t slot, const std::vector<int64_t>& processes,
-                  const ProcessHeader& header, DescribeFn describe, Clock::time_point deadline,
-                  Failure* failure);
+// Requests of failed calls that MPI could not cancel, still pending (tests, counters).
+int64_t MpiAbandonedRequests();
 
-// Point-to-point streams between device threads of different processes, for plans whose
-// groups span processes. A message to (process p, slot l) travels on slot l's
-// communicator tagged with the sending slot, so each ordered pair of device threads has
-// its own stream, and messages match in the order they were posted. Posted requests are
-// kept per calling thread until MpiWait, which completes them all (or fails by
-// `deadline`, naming the processes whose messages never came).
-void MpiPostSend(int64_t my_slot, int64_t process, int64_t slot, const char* data, int64_t bytes);
-void MpiPostRecv(int64_t my_slot, int64_t process, int64_t slot, char* data, int64_t bytes);
-bool MpiWait(Clock::time_point deadline, const char* stage, Failure* failure);
+// The cross-process traffic of one call on one local slot, driven by one thread.
+//
+// Tags: (call-site tag << 14) | (kind << 8) | sending slot, on the receiver's slot
+// communicator. Two calls in flight at once on one slot always have different call
+// sites (a device runs one program at a time), so their streams never mix; a clash of
+// two sites' tags is detected and refused.
+class MpiCall {
+ public:
+  static constexpr int kHandshake = 0;
+  static constexpr int kDone = 1;
+  static int ReduceScatter(int stage) { return 2 + stage; }
+  static int AllGather(int stage) { return 2 + kMaxMpiStages + stage; }
 
-// Allreduce across processes, in place on `data` (n elements of `elem` bytes), on slot
-// `slot`'s communicator: reduce-scatter over `plan`'s dimensions (ranks = processes), then
-// all-gather back; each element is reduced in plan order, so every process ends with the
-// same bits. `scratch` receives peers' data (grown as needed, kept by the caller).
-// Fails when `deadline` passes (naming the processes whose data never came) or when a
-// peer's header differs from `header`.
-bool MpiAllreduce(int64_t slot, char* data, int64_t n, int64_t elem, int op, ReduceFn reduce,
-                  const Plan& plan, const ProcessHeader& header, DescribeFn describe,
-                  Clock::time_point deadline, std::vector<char>* scratch, Failure* failure);
+  // Starts the call: takes the next sequence number of `label` on `slot`. Check ok().
+  MpiCall(int64_t slot, const CallLabel& label, Clock::time_point deadline);
+  ~MpiCall();
+  MpiCall(const MpiCall&) = delete;
+  MpiCall& operator=(const MpiCall&) = delete;
+
+  // False (with why) when the transport is unusable or the call's tags clash.
+  bool ok(Failure* failure) const;
+  // Every wait also polls `failed` and gives up when it returns true (with *failure
+  // filled in): a failure among this process's other devices ends the wait at once.
+  void Watch(std::function<bool(Failure*)> failed);
+  int64_t seq() const { return seq_; }
+
+  // Exchanges `mine` with the same slot of every other process and compares. Fails at
+  // once when a process runs another call, has given up on this one, or disagrees on
+  // any field (naming both values); fails at the deadline naming the processes that
+  // never answered.
+  bool Handshake(WireHeader mine, DescribeFn describe, Failure* failure);
+
+  // One frame to / from device slot `slot` of `process`, of kind `kind`: `frame` holds
+  // kFrameHeader bytes for the header (filled in here, for a send) and then `bytes` of
+  // payload. It must stay valid until Wait returns, or be handed over by Abandon.
+  void PostSend(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes);
+  void PostRecv(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes);
+  // Completes everything posted; verifies each message (call, stage, exact size).
+  bool Wait(const char* stage, Failure* failure);
+  // Tells each of `peers` (process, slot) that this call is through and waits for the
+  // same from them: MPI's progress is weak (a send may need its receiver to keep calling
+  // MPI), and a call succeeds only if all its peers reached the end of it.
+  bool Done(const std::vector<std::pair<int64_t, int64_t>>& peers, Failure* failure);
+  // After a failure: cancels the receives; requests MPI cannot finish (a send cannot be
+  // cancelled) keep their headers and `buffers` (moved out of the caller) alive until
+  // they complete, checked at later calls.
+  void Abandon(std::vector<std::vector<char>>* buffers);
+
+ private:
+  struct Impl;
+  Impl* impl_;
+  int64_t slot_;
+  int64_t seq_ = 0;
+};
 
 }  // namespace jax_ddl

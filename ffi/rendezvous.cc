@@ -1,15 +1,15 @@
-// Rendezvous, barriers with deadlines, per-site state, counters (see rendezvous.h).
+// Rendezvous, barriers with deadlines, failure quiescence, counters (see rendezvous.h).
 #include "rendezvous.h"
 
 #include <algorithm>
 #include <cstdio>
-#include <map>
 #include <utility>
 
 namespace jax_ddl {
 namespace {
 
 constexpr int kMaxPhases = 128;
+constexpr size_t kTombstones = 64;
 
 std::string RankList(const std::vector<int64_t>& ranks) {
   std::string out = "[";
@@ -32,6 +32,11 @@ std::string DescribeDescriptor(const Descriptor& d) {
 
 }  // namespace
 
+Clock::time_point Deadline(Clock::time_point start, int64_t timeout_ms) {
+  if (timeout_ms < 0) return start + std::chrono::hours(24 * 365 * 100);
+  return start + std::chrono::milliseconds(timeout_ms);
+}
+
 void Rendezvous::Reset(const RendezvousKey& key, int64_t size, const std::string& context) {
   key_ = key;
   size_ = size;
@@ -39,10 +44,19 @@ void Rendezvous::Reset(const RendezvousKey& key, int64_t size, const std::string
   members_.assign(size, Member{});
   reached_.assign(size, -1);
   phase_count_.assign(kMaxPhases, 0);
+  working_.assign(size, 0);
+  num_working_ = 0;
   failed_ = false;
   failure_ = Failure{};
   joined_ = 0;
   left_ = 0;
+}
+
+void Rendezvous::SetWorking(int64_t rank, bool working) {
+  if (working_[rank] == static_cast<char>(working)) return;
+  working_[rank] = working;
+  num_working_ += working ? 1 : -1;
+  if (!working && num_working_ == 0) cv_.notify_all();
 }
 
 bool Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase,
@@ -72,6 +86,7 @@ bool Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int
     *failure = failure_;
     return false;
   }
+  SetWorking(rank, true);
   return true;
 }
 
@@ -100,11 +115,18 @@ bool Rendezvous::Arrive(int64_t rank, const Member& me, Clock::time_point deadli
   const Descriptor& ref = members_[0].desc;
   for (int64_t r = 1; r < size_; ++r) {
     if (!(members_[r].desc == ref)) {
-      failure->deadline = false;
-      failure->message = context_ + ": ranks disagree on the operands: rank 0 has " +
-               DescribeDescriptor(ref) + ", rank " + std::to_string(r) + " has " +
-               DescribeDescriptor(members_[r].desc) +
-               ". Every rank must reduce the same shapes, dtypes and op.";
+      // Every rank sees the same descriptors and fails here before touching any peer.
+      SetWorking(rank, false);
+      if (!failed_) {
+        failed_ = true;
+        failure_.deadline = false;
+        failure_.message = context_ + ": ranks disagree on the operands: rank 0 has " +
+                           DescribeDescriptor(ref) + ", rank " + std::to_string(r) + " has " +
+                           DescribeDescriptor(members_[r].desc) +
+                           ". Every rank must reduce the same shapes, dtypes and op.";
+        cv_.notify_all();
+      }
+      *failure = failure_;
       return false;
     }
   }
@@ -114,6 +136,7 @@ bool Rendezvous::Arrive(int64_t rank, const Member& me, Clock::time_point deadli
 bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
                          Failure* failure) {
   std::unique_lock<std::mutex> lock(mu_);
+  SetWorking(rank, false);
   if (phase >= kMaxPhases) {
     failure->message = context_ + ": the topology has more stages than the engine supports (" +
                        std::to_string(kMaxPhases - 1) + ")";
@@ -124,17 +147,79 @@ bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time
   return WaitPhase(lock, rank, phase, stage, deadline, failure);
 }
 
+void Rendezvous::Pause(int64_t rank) {
+  std::lock_guard<std::mutex> lock(mu_);
+  SetWorking(rank, false);
+}
+
+bool Rendezvous::Resume(int64_t rank, Failure* failure) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (failed_) {
+    *failure = failure_;
+    return false;
+  }
+  SetWorking(rank, true);
+  return true;
+}
+
+void Rendezvous::Abort(int64_t rank, const Failure& failure) {
+  std::lock_guard<std::mutex> lock(mu_);
+  SetWorking(rank, false);
+  if (!failed_) {
+    failed_ = true;
+    failure_ = failure;
+  }
+  cv_.notify_all();
+}
+
+bool Rendezvous::Failed(Failure* failure) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!failed_) return false;
+  *failure = failure_;
+  failure->local = true;
+  return true;
+}
+
+bool Rendezvous::Quiesce(std::unique_lock<std::mutex>& lock, int64_t rank,
+                         Clock::time_point until, Failure* failure) {
+  SetWorking(rank, false);
+  while (num_working_ > 0) {
+    if (cv_.wait_until(lock, until) == std::cv_status::timeout && num_working_ > 0) {
+      std::vector<int64_t> still;
+      for (int64_t r = 0; r < size_; ++r) {
+        if (working_[r]) still.push_back(r);
+      }
+      if (failure != nullptr) {
+        failure->message += " (ranks " + RankList(still) +
+                            " were still working on this call's buffers when rank " +
+                            std::to_string(rank) + " gave up waiting for them)";
+      }
+      return false;
+    }
+  }
+  return true;
+}
+
 Registry& Registry::Get() {
   static Registry* registry = new Registry();  // never destroyed: device threads may outlive exit
   return *registry;
 }
 
-Rendezvous* Registry::Join(const RendezvousKey& key, int64_t size, const std::string& context) {
+Rendezvous* Registry::Join(const RendezvousKey& key, int64_t size, const std::string& context,
+                           Failure* failure) {
   std::lock_guard<std::mutex> lock(mu_);
   for (Rendezvous* r : active_) {
     if (r->key_ == key && r->size_ == size) {
       ++r->joined_;
       return r;
+    }
+  }
+  for (const Tombstone& t : tombstones_) {
+    if (t.key == key) {
+      failure->deadline = t.deadline;
+      failure->message = "this call failed on the other ranks before this one arrived: " +
+                         t.message;
+      return nullptr;
     }
   }
   Rendezvous* r;
@@ -151,30 +236,51 @@ Rendezvous* Registry::Join(const RendezvousKey& key, int64_t size, const std::st
   return r;
 }
 
-void Registry::Leave(Rendezvous* r) {
-  std::lock_guard<std::mutex> lock(mu_);
+bool Registry::Leave(Rendezvous* r, int64_t rank, Clock::time_point quiesce_until,
+                     Failure* error) {
   bool failed;
+  bool quiet = true;
+  Failure failure;
   {
-    std::lock_guard<std::mutex> rlock(r->mu_);
+    std::unique_lock<std::mutex> rlock(r->mu_);
     failed = r->failed_;
+    if (failed) {
+      const auto t0 = Clock::now();
+      quiet = r->Quiesce(rlock, rank, quiesce_until, error);
+      GetCounters().quiesce_ns.fetch_add(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count(),
+          std::memory_order_relaxed);
+      failure = r->failure_;
+    } else {
+      r->SetWorking(rank, false);
+    }
   }
+  std::lock_guard<std::mutex> lock(mu_);
   ++r->left_;
-  if (r->left_ == r->joined_ && (r->joined_ == r->size_ || failed)) {
+  const bool last = r->left_ == r->joined_ && (r->joined_ == r->size_ || failed);
+  if (failed && last) {
+    if (tombstones_.size() < kTombstones) tombstones_.emplace_back();
+    Tombstone& t = tombstones_[next_tombstone_++ % kTombstones];
+    t.key = r->key_;
+    t.message = failure.message;
+    t.deadline = failure.deadline;
+  }
+  if (last) {
     active_.erase(std::find(active_.begin(), active_.end(), r));
     free_.push_back(r);
   }
+  return quiet;
 }
 
-SiteState& GetSiteState(int64_t device, int64_t call_id) {
-  static std::mutex* mu = new std::mutex();
-  static auto* sites = new std::map<std::pair<int64_t, int64_t>, SiteState>();
-  std::lock_guard<std::mutex> lock(*mu);
-  return (*sites)[{device, call_id}];
+bool Registry::Fail(Rendezvous* r, int64_t rank, Failure* failure,
+                    Clock::time_point quiesce_until) {
+  r->Abort(rank, *failure);
+  return Leave(r, rank, quiesce_until, failure);
 }
 
 void Counters::Reset() {
   for (auto* c : {&calls, &bytes, &errors, &small_calls, &arrive_ns, &reduce_scatter_ns,
-                  &broadcast_ns, &small_ns}) {
+                  &broadcast_ns, &small_ns, &stale_messages, &quiesce_ns}) {
     c->store(0);
   }
 }
@@ -184,9 +290,49 @@ Counters& GetCounters() {
   return *counters;
 }
 
-Fault& GetFault() {
-  static Fault* fault = new Fault();
-  return *fault;
+namespace {
+struct FaultState {
+  std::mutex mu;
+  FaultKind kind = FaultKind::kNone;
+  int64_t rank = -1;
+  int64_t ms = 0;
+  int64_t remaining = 0;
+  std::atomic<bool> armed{false};
+};
+FaultState& Faults() {
+  static FaultState* f = new FaultState();
+  return *f;
+}
+}  // namespace
+
+void SetFault(FaultKind kind, int64_t rank, int64_t ms, int64_t count) {
+  FaultState& f = Faults();
+  std::lock_guard<std::mutex> lock(f.mu);
+  f.kind = kind;
+  f.rank = rank;
+  f.ms = ms;
+  f.remaining = count;
+  f.armed = kind != FaultKind::kNone && count != 0;
+}
+
+FaultKind TakeFault(int64_t rank, int64_t* ms) {
+  FaultState& f = Faults();
+  if (!f.armed.load(std::memory_order_relaxed)) return FaultKind::kNone;
+  std::lock_guard<std::mutex> lock(f.mu);
+  if (f.kind == FaultKind::kNone || f.remaining == 0 || (f.rank >= 0 && f.rank != rank)) {
+    return FaultKind::kNone;
+  }
+  if (f.kind == FaultKind::kShort) return FaultKind::kNone;  // applied by the transport
+  if (f.remaining > 0 && --f.remaining == 0) f.armed = false;
+  *ms = f.ms;
+  return f.kind;
+}
+
+bool FaultArmed(FaultKind kind, int64_t rank) {
+  FaultState& f = Faults();
+  if (!f.armed.load(std::memory_order_relaxed)) return false;
+  std::lock_guard<std::mutex> lock(f.mu);
+  return f.kind == kind && f.remaining != 0 && (f.rank < 0 || f.rank == rank);
 }
 
 }  // namespace jax_ddl

@@ -1,6 +1,8 @@
 // In-process rendezvous for the shared-memory (local) transport: devices of one process
 // meet here, publish their buffers and descriptors, and pass deadline-bounded barriers.
-// Also the per-call-site state that persists across calls, the counters and test faults.
+// It also tracks which ranks are working on their peers' buffers, so that after a failure
+// no rank returns (and lets XLA free its buffers) while a peer may still touch them.
+// Also the counters and the test-only faults.
 #pragma once
 
 #include <atomic>
@@ -17,6 +19,9 @@
 namespace jax_ddl {
 
 using Clock = std::chrono::steady_clock;
+
+// `start` + `timeout_ms`; a negative timeout means no limit (a deadline a century away).
+Clock::time_point Deadline(Clock::time_point start, int64_t timeout_ms);
 
 // What every rank must agree on; exchanged at arrival and compared on every rank.
 struct Descriptor {
@@ -44,16 +49,17 @@ struct Member {
 };
 
 struct RendezvousKey {
-  int64_t run_id, call_id, group, occurrence;
+  int64_t run_id, site, group, occurrence;  // site: the call site's state, by address
   bool operator==(const RendezvousKey& o) const {
-    return run_id == o.run_id && call_id == o.call_id && group == o.group &&
+    return run_id == o.run_id && site == o.site && group == o.group &&
            occurrence == o.occurrence;
   }
 };
 
-// Why a rendezvous failed: `deadline` for a wait that expired, else a disagreement.
+// Why a call failed: `deadline` for a wait that expired, else a disagreement or an error.
 struct Failure {
   bool deadline = false;
+  bool local = false;  // the rendezvous of this process failed (message says where)
   std::string message;
 };
 
@@ -61,10 +67,20 @@ class Rendezvous {
  public:
   // Publishes `me` for `rank` and waits for all ranks (phase 0). Fails on a deadline,
   // a rank claimed twice, or descriptors that disagree; every rank sees the same error.
+  // On success the rank is working (it may touch its peers' buffers).
   bool Arrive(int64_t rank, const Member& me, Clock::time_point deadline, Failure* failure);
-  // Barrier `phase` (>= 1) among all ranks, bounded by `deadline`; `stage` names it in errors.
+  // Barrier `phase` (>= 1) among all ranks, bounded by `deadline`; `stage` names it in
+  // errors. The rank stops working when it arrives and works again once all are through.
   bool Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
                Failure* failure);
+  // The rank stops touching its peers' buffers for a while (it waits on other processes).
+  void Pause(int64_t rank);
+  // ...and starts again; false (with the failure) when the rendezvous failed meanwhile.
+  bool Resume(int64_t rank, Failure* failure);
+  // Records a failure of `rank`'s own (an MPI error, say) so every waiting rank stops.
+  void Abort(int64_t rank, const Failure& failure);
+  // Whether the rendezvous failed (then *failure says why), for ranks waiting elsewhere.
+  bool Failed(Failure* failure);
   const Member& member(int64_t rank) const { return members_[rank]; }
 
  private:
@@ -72,66 +88,60 @@ class Rendezvous {
   void Reset(const RendezvousKey& key, int64_t size, const std::string& context);
   bool WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase, const char* stage,
                  Clock::time_point deadline, Failure* failure);
+  void SetWorking(int64_t rank, bool working);
+  // After a failure: waits (bounded) until no rank works on peers' buffers any more;
+  // false if some still do at `until`.
+  bool Quiesce(std::unique_lock<std::mutex>& lock, int64_t rank, Clock::time_point until,
+               Failure* failure);
 
   RendezvousKey key_{};
   int64_t size_ = 0;
-  std::string context_;  // "jax_ddl allreduce (call 3, group 0, topology 2x4)"
+  std::string context_;  // "jax_ddl allreduce (call 3 of jit_step, topology 2x4, ...)"
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Member> members_;
   std::vector<int> reached_;      // highest phase each rank reached, -1 before arrival
   std::vector<int> phase_count_;  // ranks that reached each phase
+  std::vector<char> working_;     // ranks that may be touching peers' buffers now
+  int64_t num_working_ = 0;
   bool failed_ = false;
   Failure failure_;
   int64_t joined_ = 0;
   int64_t left_ = 0;
 };
 
-// Live rendezvous, matched by key. Objects are pooled: no allocation once warm.
+// Live rendezvous, matched by key. Objects are pooled: no allocation once warm. The
+// failures of the last few calls are remembered, so a rank that arrives after its call
+// failed on the others fails at once with their error instead of waiting alone.
 class Registry {
  public:
   static Registry& Get();
-  // The rendezvous for `key`, created on first arrival.
-  Rendezvous* Join(const RendezvousKey& key, int64_t size, const std::string& context);
+  // The rendezvous for `key`, created on first arrival; nullptr (with the failure) when
+  // that call already failed on the ranks that came before.
+  Rendezvous* Join(const RendezvousKey& key, int64_t size, const std::string& context,
+                   Failure* failure);
   // Called once by every rank that joined, when it no longer touches the rendezvous.
-  void Leave(Rendezvous* r);
+  // A rank leaving a failed rendezvous first waits (up to `quiesce_until`) until no peer
+  // works on its buffers any more; if they still do then, that is appended to *error and
+  // Leave returns false.
+  bool Leave(Rendezvous* r, int64_t rank, Clock::time_point quiesce_until,
+             Failure* error = nullptr);
+  // Like Leave after an error of its own (*failure): marks the rendezvous failed first.
+  bool Fail(Rendezvous* r, int64_t rank, Failure* failure, Clock::time_point quiesce_until);
 
  private:
+  struct Tombstone {
+    RendezvousKey key{};
+    std::string message;
+    bool deadline = false;
+  };
   std::mutex mu_;
   std::vector<Rendezvous*> active_;
   std::vector<std::unique_ptr<Rendezvous>> all_;
   std::vector<Rendezvous*> free_;
+  std::vector<Tombstone> tombstones_;  // ring of the last failures
+  size_t next_tombstone_ = 0;
 };
-
-// State of one call site on one device, kept across calls.
-struct SiteState {
-  int64_t last_run_id = -1;
-  int64_t occurrence = 0;  // calls of this site within the current run
-  uint64_t sequence = 0;   // calls of this site ever; picks the staging half
-  std::vector<char*> inputs, outputs;
-  std::vector<char> staging[2];
-  std::vector<char> inter;
-  std::vector<char> accum;
-  std::vector<const char*> peer_ptrs;
-  std::vector<char*> dst_ptrs;
-  std::vector<int64_t> offsets;  // prefix sums of the buffers' element counts
-  std::vector<int64_t> plan_dims;
-  Plan plan;
-  std::string context;  // names the call in errors
-  // Across processes: the plan splits into local dimensions (shared memory) and process
-  // dimensions (MPI); this device's slice travels through `proc_buf`.
-  bool cross = false;
-  Plan local_plan, proc_plan;
-  std::vector<char> proc_buf, proc_scratch;
-  // Across processes with groups that span them (e.g. a flat spec): the whole plan runs
-  // stage by stage, local peers in shared memory and remote ones over MPI.
-  bool spanning = false;
-  std::vector<int64_t> handshake_procs;  // processes any local rank exchanges with
-  std::vector<char> recv_buf;
-};
-
-// The site state of (device, call_id); created on first use.
-SiteState& GetSiteState(int64_t device, int64_t call_id);
 
 // Process-wide counters, readable from Python.
 struct Counters {
@@ -143,16 +153,26 @@ struct Counters {
   std::atomic<uint64_t> reduce_scatter_ns{0};
   std::atomic<uint64_t> broadcast_ns{0};
   std::atomic<uint64_t> small_ns{0};
+  std::atomic<uint64_t> stale_messages{0};  // late messages of failed calls, discarded
+  std::atomic<uint64_t> quiesce_ns{0};  // failing ranks waiting for peers to stop writing
   void Reset();
 };
 Counters& GetCounters();
 
-// Test-only faults, so the tests drive the paths real faults take.
-enum class FaultKind : int { kNone = 0, kSkip = 1, kLie = 2 };
-struct Fault {
-  std::atomic<int> kind{0};
-  std::atomic<int64_t> rank{-1};
+// Test-only faults, so the tests drive the paths real faults take. `rank` -1: every rank
+// of this process. Each fault fires `count` times (-1: until cleared).
+enum class FaultKind : int {
+  kNone = 0,
+  kSkip = 1,   // return success without taking part
+  kLie = 2,    // misreport the element count
+  kDelay = 3,  // arrive `ms` late
+  kStall = 4,  // after arriving, keep working on the peers' buffers for `ms`
+  kShort = 5,  // send every cross-process data message one element short
 };
-Fault& GetFault();
+void SetFault(FaultKind kind, int64_t rank, int64_t ms, int64_t count);
+// The fault to apply to this call of `rank`, consuming one firing.
+FaultKind TakeFault(int64_t rank, int64_t* ms);
+// Whether `kind` is armed for `rank` (without consuming it).
+bool FaultArmed(FaultKind kind, int64_t rank);
 
 }  // namespace jax_ddl

@@ -106,6 +106,43 @@ def test_fault_switch_validates_kind():
         _ddl.set_fault("explode", 0)
 
 
+@pytest.mark.parametrize("size", [16, 100_000], ids=["small-path", "large-path"])
+def test_rank_late_past_the_deadline_then_the_same_executable_is_exact(size, monkeypatch):
+    """Rank 7 arrives 1.5 s after the others gave up: they fail naming it, it fails at once
+    with their error (the failure is remembered), and the next calls of the same
+    executable pair correctly and are exact."""
+    monkeypatch.setenv("JAX_DDL_TIMEOUT", "1")
+    f = spmd(lambda v, k: jax_ddl.psum(v * k, "i"), mesh_of((8,), ("i",)), (P("i"), P()), P())
+    x = int_valued((8, size), jnp.float32, seed=3)
+    f(x, 1.0).block_until_ready()  # compiled and warm
+    _ddl.set_fault("delay", 7, 2500, 1)
+    jax_ddl.reset_counters()
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"Missing ranks \[7\] never arrived"):
+        f(x, 1.0).block_until_ready()
+    assert settled_counter("errors", 8) == 8  # rank 7 failed too, fast, once it arrived
+    for k in (2.0, 3.0, 4.0):
+        np.testing.assert_array_equal(np.asarray(f(x, k))[0], k * np.asarray(x).sum(0))
+
+
+def test_a_failing_rank_waits_until_no_peer_writes_into_its_buffers(monkeypatch):
+    """The last stage writes into every rank's output. Rank 3 keeps working on its peers'
+    buffers for 2.5 s after arriving; the others time out at 1 s but do not return (and
+    let XLA free their buffers) until rank 3 has stopped: each waits about 1.5 s more."""
+    monkeypatch.setenv("JAX_DDL_TIMEOUT", "1")
+    f = spmd(lambda v: jax_ddl.psum(v, "i", topology="2x4"), mesh_of((8,), ("i",)), P("i"), P())
+    x = int_valued((8, 100_000), jnp.float32, seed=4)
+    f(x).block_until_ready()
+    _ddl.set_fault("stall", 3, 2500, 1)
+    jax_ddl.reset_counters()
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"rank 3|Ranks \[3\]"):
+        f(x).block_until_ready()
+    assert settled_counter("errors", 8) == 8
+    # 7 ranks waited for rank 3 to stop, about 1.5 s each; far above what a quick return
+    # (no waiting) would give, far below the bound of the wait.
+    assert jax_ddl.counters()["quiesce_s"] > 7 * 0.5
+    np.testing.assert_array_equal(np.asarray(f(x))[0], np.asarray(x).sum(0))
+
+
 def test_dtype_checked_before_tracing_other_leaves():
     x = int_valued((8, 4), jnp.float32)
     with pytest.raises(TypeError, match="complex64"):

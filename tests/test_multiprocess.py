@@ -276,6 +276,79 @@ def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mod
         assert timeout_s - 0.5 <= seconds <= timeout_s + 5
 
 
+def _recovery(mode, env=None):
+    """Runs tests/mpi_programs/recovery.py in `mode` with 2 processes x 2 devices; returns
+    {(rank, label): (verdict, seconds, message)}."""
+    r = run_mpi(
+        2,
+        ROOT / "tests" / "mpi_programs" / "recovery.py",
+        mode,
+        2,
+        env={"JAX_DDL_TIMEOUT": "3", **(env or {})},
+        launcher=("-disable-auto-cleanup",),
+        timeout=240,
+        shell=True,
+    )
+    calls = {
+        (int(m[0]), m[1]): (m[2], float(m[3]), m[4])
+        # Lines of the two processes may run into each other: a message ends where the
+        # next marker starts.
+        for m in re.findall(
+            r"CALL (\d) (\S+) (ok|wrong|error) ([\d.]+) ?(.*?)(?=CALL \d|DONE \d|$)",
+            r.stdout,
+            flags=re.M,
+        )
+    }
+    assert sorted(re.findall(r"DONE (\d)", r.stdout)) == ["0", "1"], (
+        r.stdout[-3000:] + r.stderr[-3000:]
+    )
+    return calls
+
+
+def test_call_identity_does_not_depend_on_what_a_process_lowered_before():
+    """Process 0 lowers, prints and compiles other jax_ddl functions first; then both run
+    one program of 4 independent same-shape calls and a jitted function called twice,
+    5 times, hierarchically and with the flat spec: every result exact."""
+    calls = _recovery("identity")
+    assert len(calls) == 2 * 2 * 5
+    assert {v[0] for v in calls.values()} == {"ok"}, calls
+
+
+def test_a_process_late_past_the_deadline_never_gets_wrong_sums():
+    """Process 1 arrives 5 s late (deadline 3 s) at the first of four calls of one jitted
+    psum, inputs scaled by 1..4. Every call either returns exact sums or fails clearly:
+    late frames of abandoned calls are recognised and dropped, never taken for the next
+    call's. The processes fall back in step within the four calls."""
+    calls = _recovery("late", env={"LATE_S": "5"})
+    assert len(calls) == 8
+    assert "wrong" not in {v[0] for v in calls.values()}, calls
+    assert calls[(0, "call1")][0] == "error" and "never arrived" in calls[(0, "call1")][2]
+    for rank in (0, 1):
+        assert calls[(rank, "call4")][0] == "ok", calls
+
+
+def test_processes_with_different_topologies_fail_at_once_naming_both():
+    calls = _recovery("topology")
+    for rank, (mine, theirs) in ((0, ("2x2", "4")), (1, ("4", "2x2"))):
+        verdict, seconds, message = calls[(rank, "mismatch")]
+        assert verdict == "error" and seconds < 3, calls
+        assert "processes disagree on the topology" in message
+        assert f"this process uses {mine} (" in message and f"uses {theirs} (" in message
+        assert calls[(rank, "agreed")][0] == "ok"
+
+
+def test_a_short_message_is_an_error_never_stale_bytes():
+    """Process 1 sends every data frame one byte short: process 0 names the sizes (its
+    MPI_Get_count check), process 1 fails by the deadline; the next call is exact."""
+    calls = _recovery("short")
+    verdict, _, message = calls[(0, "short")]
+    assert verdict == "error" and re.search(
+        r"sent a frame of (\d+) bytes where (\d+) were", message
+    )
+    assert calls[(1, "short")][0] == "error"
+    assert calls[(0, "after")][0] == "ok" and calls[(1, "after")][0] == "ok"
+
+
 def test_benchmark_under_mpiexec_puts_jax_ddl_beside_flat_gloo_and_raw_mpi(tmp_path):
     out = tmp_path / "bench.json"
     r = run_mpi(

@@ -57,5 +57,8 @@ except Exception as e:  # noqa: BLE001 - the error itself is what is checked
     message = " ".join(str(e).split())
     sys.stdout.write(f"FAILED {rank} {time.monotonic() - t0:.1f} {message}\n")
     sys.stdout.flush()
-    os._exit(0)  # peers are gone or broken: skip MPI's and jax's collective shutdown
+    # Peers are gone or broken: skip MPI's and jax's collective shutdown, but give a peer
+    # that fails at the same moment time to report (mpiexec may end the job at an exit).
+    time.sleep(1.0)
+    os._exit(0)
 sys.stdout.write(f"SUCCEEDED {rank}\n")

@@ -9,7 +9,6 @@ reduced axes; the transpose is a no-op cast to varying (check_vma) or another al
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections import defaultdict
@@ -31,10 +30,11 @@ SUPPORTED_DTYPES = tuple(
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_SMALL_BYTES = 16 * 1024
 
-for _platform, _capsule in _ddl.registrations().items():
-    jax.ffi.register_ffi_target(TARGET, _capsule, platform=_platform)
-
-_call_ids = itertools.count(1)
+for _platform, _stages in _ddl.registrations().items():
+    # Each call site's state (identity, scratch) lives in an FFI state that XLA creates
+    # per compiled instruction and frees with the executable.
+    compat.register_state_type("jax_ddl_site", _ddl.site_type(), _platform)
+    jax.ffi.register_ffi_target(TARGET, _stages, platform=_platform)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -129,21 +129,23 @@ def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, inplace, vm
     del vma
     _check_device_layout(compat.lowering_mesh(ctx), axes)
     aliases = {i + 2: i for i in range(len(xs))} if inplace else None
-    # Side effect: XLA keeps the calls of one program in program order on every device,
-    # never concurrent or reordered, so the engine can pair them by occurrence.
+    # The side effect keeps XLA from removing or merging calls. It does not order them:
+    # XLA's CPU executor runs independent calls concurrently and in any order, and the
+    # engine pairs them by identity (docs/design.md, "Call identity").
     rule = jax.ffi.ffi_lowering(TARGET, operand_output_aliases=aliases, has_side_effect=True)
-    # The call id is drawn per lowered instruction, so no two call sites of a compiled
-    # program (nor of two programs) share one, even when a traced function is reused.
+    module, site, name = compat.call_site(ctx)
     return rule(
         ctx,
         rank,
         group,
         *xs,
         op=np.int32(OPS[op]),
-        call_id=np.int64(next(_call_ids)),
         dims=np.asarray(grid, np.int64),
         timeout_ms=np.int64(timeout),
         small_bytes=np.int64(small),
+        module=np.int64(module),
+        site=np.int64(site),
+        name=name,
     )
 
 
@@ -155,7 +157,9 @@ def _unsupported_platform(ctx, *args, **params):
 
 
 compat.mlir.register_lowering(allreduce_p, _unsupported_platform)
-compat.mlir.register_lowering(allreduce_p, _lowering, platform="cpu")
+# Not cacheable: jax would lower identical calls once, as calls of one function, which
+# XLA inlines into several instructions of one site number.
+compat.mlir.register_lowering(allreduce_p, _lowering, platform="cpu", cacheable=False)
 
 
 def _bind(rank, group, xs, **params):

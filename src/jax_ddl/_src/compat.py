@@ -5,6 +5,8 @@ Verified against jax 0.10.x. Later versions are supported by adding branches her
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 from jax._src import config as _config
 from jax._src import core as _core
@@ -87,3 +89,43 @@ def lowering_mesh(ctx):
     """The concrete mesh (with devices) a shard_map is being lowered for, or None."""
     mesh = getattr(getattr(ctx.module_context, "axis_context", None), "mesh", None)
     return mesh if getattr(mesh, "devices", None) is not None else None
+
+
+_SITES_KEY = ("jax_ddl", "call sites")  # our entry in a module's lowering cache
+_module_nonces = itertools.count(1)
+
+
+def call_site(ctx) -> tuple[int, int, str]:
+    """(module, site, name) for a jax_ddl call being lowered.
+
+    `module` is a nonce that tells this process's lowered modules apart; `site` numbers the
+    jax_ddl calls of one module in lowering order (1, 2, ...), so it depends on the program
+    alone and every process derives the same one; `name` is the module's name. The count
+    lives in the module context's lowering cache, which every sub-context shares.
+    """
+    mod_ctx = ctx.module_context
+    store = mod_ctx.cached_primitive_lowerings
+    record = store.get(_SITES_KEY)
+    if record is None:
+        record = store[_SITES_KEY] = [next(_module_nonces), 0]
+    record[1] += 1
+    try:
+        name = str(mod_ctx.module.operation.attributes["sym_name"]).strip('"')
+    except (KeyError, AttributeError):
+        name = "a jitted function"
+    return record[0], record[1], name
+
+
+def register_state_type(name: str, registration: dict, platform: str) -> None:
+    """Registers an FFI state type so that it exists before the handlers that use it.
+
+    jaxlib defers both registrations until the backend starts and then registers the
+    handlers first, which fails for a handler with an instantiate stage ("Types used by FFI
+    handlers must be registered before the handler registration"). The type registry is
+    process-wide, so installing jaxlib's own type handler now registers the type at once.
+    """
+    from jaxlib import xla_client
+
+    if platform == "cpu":
+        xla_client.register_custom_type_handler("cpu", xla_client._xla.register_custom_type)
+    jax.ffi.register_ffi_type(name, registration, platform=platform)

@@ -1,0 +1,93 @@
+// Call-site state and identity (see site.h).
+#include "site.h"
+
+#include <cstdio>
+#include <map>
+#include <utility>
+
+#include "mpi_transport.h"
+
+namespace jax_ddl {
+namespace {
+std::atomic<int64_t> g_live_sites{0};
+}  // namespace
+
+xla::ffi::TypeId Site::id = {};
+
+Site::Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
+           int64_t small_bytes)
+    : identity_(std::move(identity)),
+      op_(op),
+      dims_(std::move(dims)),
+      timeout_ms_(timeout_ms),
+      small_bytes_(small_bytes) {
+  g_live_sites.fetch_add(1, std::memory_order_relaxed);
+}
+
+Site::~Site() { g_live_sites.fetch_sub(1, std::memory_order_relaxed); }
+
+int64_t LiveSites() { return g_live_sites.load(std::memory_order_relaxed); }
+
+std::string FormatTimeout(int64_t timeout_ms) {
+  if (timeout_ms < 0) return "no limit";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g s", timeout_ms / 1000.0);
+  return buf;
+}
+
+bool Site::Prepare(std::string* error) {
+  if (prepared_.load(std::memory_order_acquire)) return true;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (prepared_.load(std::memory_order_relaxed)) return true;
+  int64_t ranks = 1;
+  for (int64_t d : dims_) ranks *= d;
+  if (!Plan::Make(dims_, ranks, &plan_, error)) return false;
+  mode_ = Mode::kLocal;
+  const ProcessLayout& pl = MpiLayout();
+  if (MpiAttached() && pl.processes > 1 && ranks == pl.slots * pl.processes) {
+    // DDL's hierarchy when the grid splits at the process boundary: leading dimensions
+    // that multiply to the local devices (shared memory), the rest over processes (MPI).
+    std::vector<int64_t> local_dims, proc_dims;
+    int64_t prod = 1;
+    size_t i = 0;
+    for (; i < dims_.size() && prod < pl.slots; ++i) {
+      prod *= dims_[i];
+      local_dims.push_back(dims_[i]);
+    }
+    proc_dims.assign(dims_.begin() + i, dims_.end());
+    if (prod == pl.slots) {
+      if (local_dims.empty()) local_dims.push_back(1);
+      if (proc_dims.empty()) proc_dims.push_back(1);
+      Plan::Make(local_dims, pl.slots, &local_plan_, error);
+      Plan::Make(proc_dims, pl.processes, &proc_plan_, error);
+      mode_ = Mode::kAcross;
+    } else {
+      mode_ = Mode::kSpanning;  // e.g. a flat spec over the devices of several processes
+    }
+  }
+  context_ = "jax_ddl allreduce (call " + std::to_string(identity_.site);
+  if (identity_.copy > 0) context_ += " copy " + std::to_string(identity_.copy);
+  context_ += " of " + identity_.module_name + ", topology " + FormatTopology(dims_) +
+              ", timeout " + FormatTimeout(timeout_ms_) + ")";
+  prepared_.store(true, std::memory_order_release);
+  return true;
+}
+
+DeviceSite& Site::device(int64_t device) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (device >= static_cast<int64_t>(devices_.size())) devices_.resize(device + 1);
+  if (!devices_[device]) devices_[device] = std::make_unique<DeviceSite>();
+  return *devices_[device];
+}
+
+int64_t NextCopy(int64_t module, int64_t site) {
+  thread_local int64_t current_module = -1;
+  thread_local std::map<int64_t, int64_t> copies;
+  if (module != current_module) {
+    current_module = module;
+    copies.clear();
+  }
+  return copies[site]++;
+}
+
+}  // namespace jax_ddl

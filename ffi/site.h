@@ -1,0 +1,115 @@
+// One jax_ddl call site of one compiled program: the FFI state XLA creates for each
+// custom-call instruction when it compiles a program (instantiate stage) and destroys
+// with the executable. It carries the call's identity (which every process agrees on)
+// and the per-device scratch, so no memory outlives the program that used it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernels.h"
+#include "topology.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_ddl {
+
+// Which call this is, in terms every process derives from the program alone.
+struct SiteIdentity {
+  int64_t module = 0;        // lowering nonce: tells this process's lowered modules apart
+  int64_t site = 0;          // ordinal of the call in its module's lowering (1, 2, ...)
+  int64_t copy = 0;          // instance of a call lowered once and inlined several times
+  uint64_t module_hash = 0;  // of the module's name
+  std::string module_name;   // "jit_train_step", for messages
+};
+
+// How a site's plan maps onto processes (decided at its first execution).
+enum class Mode : int32_t {
+  kLocal = 0,     // every rank in this process: shared memory only
+  kAcross = 1,    // DDL's hierarchy: local stages, then the process stages over MPI
+  kSpanning = 2,  // groups span processes: the whole plan stage by stage, MPI for remote peers
+};
+
+// Per device of one site: what one call on that device uses. Calls of one site on one
+// device never overlap (XLA runs a device's executions one after another, and a loop
+// runs its body's calls one iteration after another); `busy` enforces it.
+struct DeviceSite {
+  std::atomic<bool> busy{false};
+  int64_t last_run_id = 0;
+  bool seen_run = false;
+  int64_t occurrence = 0;  // executions of this site within the current run
+  uint64_t completed = 0;  // successful small-path calls; picks the staging half
+  std::vector<char*> inputs, outputs;
+  std::vector<int64_t> offsets;  // prefix sums of the buffers' element counts
+  std::vector<char> staging[2];
+  std::vector<char> inter;
+  std::vector<char> accum;
+  std::vector<const char*> peer_ptrs;
+  std::vector<char*> dst_ptrs;
+  // Buffers that cross-process messages are sent from and received into. Always owned
+  // here, never XLA's: after a failed call the transport may keep them (MPI cannot
+  // cancel a send) until every request on them has completed.
+  std::vector<std::vector<char>> mpi;
+};
+
+class Site {
+ public:
+  static xla::ffi::TypeId id;
+
+  Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
+       int64_t small_bytes);
+  ~Site();
+  Site(const Site&) = delete;
+  Site& operator=(const Site&) = delete;
+
+  const SiteIdentity& identity() const { return identity_; }
+  Op op() const { return op_; }
+  const std::vector<int64_t>& dims() const { return dims_; }
+  int64_t timeout_ms() const { return timeout_ms_; }  // < 0: no limit
+  int64_t small_bytes() const { return small_bytes_; }
+
+  // The plan and its mapping onto processes, made on first use (the MPI transport may be
+  // attached after compilation). Returns false with *error if the topology is invalid.
+  bool Prepare(std::string* error);
+  const Plan& plan() const { return plan_; }
+  Mode mode() const { return mode_; }
+  const Plan& local_plan() const { return local_plan_; }
+  const Plan& proc_plan() const { return proc_plan_; }
+  const std::string& context() const { return context_; }
+
+  // The state of this site on `device`, created on first use.
+  DeviceSite& device(int64_t device);
+
+ private:
+  SiteIdentity identity_;
+  Op op_;
+  std::vector<int64_t> dims_;
+  int64_t timeout_ms_;
+  int64_t small_bytes_;
+
+  std::mutex mu_;
+  std::atomic<bool> prepared_{false};
+  Plan plan_, local_plan_, proc_plan_;
+  Mode mode_ = Mode::kLocal;
+  std::string context_;  // "jax_ddl allreduce (call 3 of jit_step, topology 2x4, timeout 300 s)"
+  std::vector<std::unique_ptr<DeviceSite>> devices_;
+};
+
+// The instance ordinal of a call lowered once but compiled into several instructions
+// (a jitted function called twice): XLA instantiates a program's instructions on the
+// compiling thread, in an order fixed by the program, so counting instantiations of
+// (module, site) while the thread stays on one module numbers the copies the same way
+// in every process.
+int64_t NextCopy(int64_t module, int64_t site);
+
+// "3 s", "0.5 s", "no limit".
+std::string FormatTimeout(int64_t timeout_ms);
+
+// Live sites in this process (to check that memory follows the executables' lifetime).
+int64_t LiveSites();
+
+}  // namespace jax_ddl
