@@ -102,9 +102,10 @@ def test_vmap_over_batch_dimension():
     x = int_valued((3, 8, 5), jnp.float32)
     for axis in (0, 2):
         xs = jnp.moveaxis(x, 0, axis)
-        np.testing.assert_array_equal(
-            jax.jit(jax.vmap(f, in_axes=axis))(xs), jax.jit(jax.vmap(g, in_axes=axis))(xs)
-        )
+        jax_ddl.reset_counters()
+        got = jax.block_until_ready(jax.jit(jax.vmap(f, in_axes=axis))(xs))
+        assert jax_ddl.counters()["calls"] == 8  # one batched call per device, not lax
+        np.testing.assert_array_equal(got, jax.jit(jax.vmap(g, in_axes=axis))(xs))
 
 
 def test_vmap_inside_shard_map_with_named_vmap_axis():
@@ -119,7 +120,10 @@ def test_vmap_inside_shard_map_with_named_vmap_axis():
         )
 
     x = int_valued((8, 4, 5), jnp.float32)
-    np.testing.assert_array_equal(make(jax_ddl.psum)(x), make(lax.psum)(x))
+    jax_ddl.reset_counters()
+    got = jax.block_until_ready(make(jax_ddl.psum)(x))
+    assert jax_ddl.counters()["calls"] == 8  # 'b' reduced locally, 'i' through jax_ddl
+    np.testing.assert_array_equal(got, make(lax.psum)(x))
 
 
 def test_pmax_is_not_differentiable():

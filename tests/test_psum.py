@@ -82,25 +82,69 @@ def test_pmean_matches_lax(dtype):
     np.testing.assert_array_equal(out, ref)
 
 
-def test_bool_is_reduced_as_int32():
+def test_bool_like_lax_summed_as_int32_max_and_min_stay_bool():
     mesh = mesh_of((8,), ("i",))
     x = jnp.asarray(np.arange(8 * 5).reshape(8, 5) % 3 == 0)
-    out = spmd(lambda v: jax_ddl.psum(v, "i"), mesh, P("i"), P())(x)
-    ref = spmd(lambda v: lax.psum(v, "i"), mesh, P("i"), P())(x)
-    assert out.dtype == ref.dtype == jnp.int32
-    np.testing.assert_array_equal(out, ref)
+    for ddl_op, lax_op, dtype in [
+        (jax_ddl.psum, lax.psum, jnp.int32),
+        (jax_ddl.pmax, lax.pmax, jnp.bool_),
+        (jax_ddl.pmin, lax.pmin, jnp.bool_),
+    ]:
+        jax_ddl.reset_counters()
+        out = jax.block_until_ready(spmd(lambda v, f=ddl_op: f(v, "i"), mesh, P("i"), P())(x))
+        ref = spmd(lambda v, f=lax_op: f(v, "i"), mesh, P("i"), P())(x)
+        assert out.dtype == ref.dtype == dtype
+        np.testing.assert_array_equal(out, ref)
+        assert jax_ddl.counters()["calls"] == 8  # through jax_ddl, not lax
 
 
-def test_constant_operand_like_lax():
+def test_constants_give_what_lax_gives_without_communicating():
+    """psum(1, axis) is the axis size as a Python int, usable as a shape, as in jax.lax;
+    every constant tree gives lax's values and types, and no call runs."""
     mesh = mesh_of((8,), ("i",))
-    f = spmd(
-        lambda v: (v, jax_ddl.psum(3, "i"), jax_ddl.pmean(2.0, "i")),
-        mesh,
-        P("i"),
-        (P("i"), P(), P()),
+    seen = {}
+
+    def body(v):
+        for name, c in [("int", 1), ("float", 2.0), ("np32", np.float32(3)), ("arr", np.ones(3))]:
+            seen[name] = (jax_ddl.psum(c, "i"), lax.psum(c, "i"))
+            seen["mean-" + name] = (jax_ddl.pmean(c, "i"), lax.pmean(c, "i"))
+        return v + jnp.zeros(jax_ddl.psum(1, "i"))[0]
+
+    jax_ddl.reset_counters()
+    jax.block_until_ready(spmd(body, mesh, P("i"), P("i"))(jnp.zeros(8)))
+    assert jax_ddl.counters()["calls"] == 0
+    assert type(seen["int"][0]) is int and seen["int"][0] == 8
+    for name, (got, want) in seen.items():
+        assert type(got) is type(want), name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+def test_axis_index_groups_like_lax():
+    """Accepted as jax.lax accepts it, reduced by jax.lax: in pmap and in shard_map without
+    check_vma; with check_vma jax.lax refuses it, and so does jax_ddl, in lax's words."""
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    x = int_valued((8, 5), jnp.float32)
+    for ddl_op, lax_op in [(jax_ddl.psum, lax.psum), (jax_ddl.pmean, lax.pmean)]:
+        got = jax.pmap(lambda v, f=ddl_op: f(v, "i", axis_index_groups=groups), axis_name="i")(x)
+        want = jax.pmap(lambda v, f=lax_op: f(v, "i", axis_index_groups=groups), axis_name="i")(x)
+        np.testing.assert_array_equal(got, want)
+    mesh = mesh_of((8,), ("i",))
+    jax_ddl.reset_counters()
+    got = jax.block_until_ready(
+        spmd(lambda v: jax_ddl.pmax(v, "i", axis_index_groups=groups), mesh, P("i"), P("i"), False)(
+            x
+        )
     )
-    _, s, m = f(jnp.zeros(8))
-    assert int(s) == 24 and float(m) == 2.0
+    want = spmd(lambda v: lax.pmax(v, "i", axis_index_groups=groups), mesh, P("i"), P("i"), False)(
+        x
+    )
+    np.testing.assert_array_equal(got, want)
+    assert jax_ddl.counters()["lax_leaves"] == 1
+    with pytest.raises(NotImplementedError) as ours:
+        spmd(lambda v: jax_ddl.psum(v, "i", axis_index_groups=groups), mesh, P("i"), P("i"))(x)
+    with pytest.raises(NotImplementedError) as theirs:
+        spmd(lambda v: lax.psum(v, "i", axis_index_groups=groups), mesh, P("i"), P("i"))(x)
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_pytree_one_call_per_dtype():
@@ -159,10 +203,16 @@ def test_vma_typing_matches_lax():
 
 def test_pmap():
     x = int_valued((8, 33), jnp.float32)
-    out = jax.pmap(lambda v: jax_ddl.psum(v, "i"), axis_name="i")(x)
+    jax_ddl.reset_counters()
+    out = jax.block_until_ready(jax.pmap(lambda v: jax_ddl.psum(v, "i"), axis_name="i")(x))
+    assert jax_ddl.counters()["calls"] == 8  # jax_ddl ran, on every device
     ref = jax.pmap(lambda v: lax.psum(v, "i"), axis_name="i")(x)
     np.testing.assert_array_equal(out, ref)
-    g = jax.pmap(jax.grad(lambda v: jax_ddl.psum(v * v, "i").sum()), axis_name="i")(x)
+    jax_ddl.reset_counters()
+    g = jax.block_until_ready(
+        jax.pmap(jax.grad(lambda v: jax_ddl.psum(v * v, "i").sum()), axis_name="i")(x)
+    )
+    assert jax_ddl.counters()["calls"] >= 8  # the transpose is a jax_ddl allreduce too
     gr = jax.pmap(jax.grad(lambda v: lax.psum(v * v, "i").sum()), axis_name="i")(x)
     np.testing.assert_array_equal(g, gr)
 
@@ -171,7 +221,9 @@ def test_eager_shard_map_without_jit():
     mesh = mesh_of((4,), ("i",))
     x = int_valued((4, 6), jnp.float32)
     f = jax.shard_map(lambda v: jax_ddl.psum(v, "i"), mesh=mesh, in_specs=P("i"), out_specs=P())
+    jax_ddl.reset_counters()
     np.testing.assert_array_equal(f(x)[0], np.asarray(x).sum(0))
+    assert jax_ddl.counters()["calls"] == 4
 
 
 def test_results_deterministic_and_identical_on_all_ranks():

@@ -37,22 +37,33 @@ for _platform, _stages in _ddl.registrations().items():
     jax.ffi.register_ffi_target(TARGET, _stages, platform=_platform)
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number; got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive; got {raw!r}")
-    return value
+MAX_TIMEOUT_S = 1e7  # about 115 days: longer is a typo, and would overflow the deadline
 
 
 def timeout_ms() -> int:
-    """JAX_DDL_TIMEOUT (seconds) as milliseconds, read when a call is traced."""
-    return int(_env_float("JAX_DDL_TIMEOUT", DEFAULT_TIMEOUT_S) * 1000)
+    """JAX_DDL_TIMEOUT as milliseconds (-1: no limit), read when a call is traced.
+
+    The value bounds each call as a whole: a rank's call must complete within that many
+    seconds of the rank's arrival, or it fails naming the ranks it waited for.
+    """
+    raw = os.environ.get("JAX_DDL_TIMEOUT")
+    if raw is None or raw.strip() == "":
+        return int(DEFAULT_TIMEOUT_S * 1000)
+    if raw.strip().lower() == "none":
+        return -1
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"JAX_DDL_TIMEOUT must be a number of seconds, or 'none' to wait without limit; "
+            f"got {raw!r}"
+        ) from None
+    if not (0 < value <= MAX_TIMEOUT_S):  # also refuses nan
+        raise ValueError(
+            f"JAX_DDL_TIMEOUT must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], or "
+            f"'none' to wait without limit; got {raw!r}"
+        )
+    return max(1, int(value * 1000))
 
 
 def small_bytes() -> int:
@@ -237,17 +248,11 @@ def _canonical_axes(axis_name, api: str) -> tuple:
     return axes
 
 
-def _check_dtype(x, api: str, path) -> np.dtype:
-    dtype = np.dtype(jnp.result_type(x))
-    if dtype == np.bool_:
-        return np.dtype(np.int32)
-    if dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-        raise TypeError(
-            f"{api}: leaf {jax.tree_util.keystr(path) or 'x'} has dtype {dtype}, which jax_ddl "
-            f"does not reduce; supported dtypes: {names} (and bool, as int32). Cast it first."
-        )
-    return dtype
+_lax_leaves = 0  # leaves handed to jax.lax at trace time (see counters())
+
+
+def _leaf_dtype(x) -> np.dtype:
+    return np.dtype(jnp.result_type(x))
 
 
 def _check_processes(size: int, api: str, axes: tuple) -> None:
@@ -281,34 +286,54 @@ def allreduce(
     *,
     op: str = "sum",
     topology=None,
+    axis_index_groups=None,
     inplace: bool = True,
     api: str = "jax_ddl.allreduce",
 ):
     """Reduces every leaf of `x` over the named axes; the engine behind psum/pmax/pmin.
 
     Leaves are grouped by dtype and each group goes through one custom call (no
-    concatenation). `inplace=False` gives the call fresh output buffers (for benchmarks).
+    concatenation). What jax_ddl does not reduce itself goes to jax.lax, with the result
+    jax.lax gives: trees of constants only (every rank holds the same value; psum(1, axis)
+    is the axis size as a Python int), leaves of other dtypes (uint8, int16, complex64,
+    float8 types, ...) and calls with `axis_index_groups`. `inplace=False` gives the call
+    fresh output buffers (for benchmarks).
     """
+    global _lax_leaves
     if op not in OPS:
         raise ValueError(f"{api}: op must be one of {sorted(OPS)}; got {op!r}")
     axes = _canonical_axes(axis_name, api)
+    lax_reduce = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}[op]
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    if axis_index_groups is not None:
+        _lax_leaves += len(leaves)
+        return lax_reduce(x, axes, axis_index_groups=axis_index_groups)
+    if all(not compat.is_tracer(leaf) for leaf in leaves):
+        return lax_reduce(x, axes)
+
     mesh = set(compat.manual_axes())
     mesh_axes = tuple(a for a in axes if a in mesh)
     other_axes = tuple(a for a in axes if a not in mesh)
-    lax_reduce = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}[op]
-
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(x)
-    leaves = []
-    for path, leaf in paths_leaves:
-        dtype = _check_dtype(leaf, api, path)
-        leaf = jnp.asarray(leaf)
-        leaves.append(leaf.astype(dtype) if leaf.dtype != dtype else leaf)
-
+    out: list = [None] * len(leaves)
+    mine = []  # (index, leaf, dtype to give back) for jax_ddl
+    for i, leaf in enumerate(leaves):
+        dtype = _leaf_dtype(leaf)
+        if dtype == np.bool_:
+            # As lax: sums of bools are int32 counts; max / min of bools stay bool.
+            give_back = np.dtype(np.int32) if op == "sum" else dtype
+            mine.append((i, jnp.asarray(leaf).astype(np.int32), give_back))
+        elif dtype in SUPPORTED_DTYPES:
+            mine.append((i, jnp.asarray(leaf), dtype))
+        else:
+            _lax_leaves += 1
+            out[i] = lax_reduce(leaf, axes)
     # vmap axis names are local (a reduction over a batch dimension): lax does that work.
     if other_axes:
-        leaves = [lax_reduce(leaf, other_axes) for leaf in leaves]
+        mine = [(i, lax_reduce(leaf, other_axes), d) for i, leaf, d in mine]
     if not mesh_axes:
-        return jax.tree_util.tree_unflatten(treedef, leaves)
+        for i, leaf, d in mine:
+            out[i] = leaf.astype(d) if leaf.dtype != d else leaf
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     automatic = compat.automatic_axes()
     if automatic:
@@ -324,9 +349,8 @@ def allreduce(
     _check_processes(size, api, mesh_axes)
     vma = compat.check_vma_enabled()
 
-    out = list(leaves)
     groups = defaultdict(list)
-    for i, leaf in enumerate(leaves):
+    for i, leaf, _ in mine:
         if not compat.is_tracer(leaf):  # a constant: every rank holds the same value
             out[i] = leaf * size if op == "sum" else leaf
         elif leaf.size == 0 or size == 1:
@@ -353,60 +377,103 @@ def allreduce(
             reduced = _bind(rank, group, [leaf for _, leaf in members], **params)
             for (i, _), r in zip(members, reduced):
                 out[i] = r
+    for i, _, give_back in mine:
+        if out[i].dtype != give_back:
+            out[i] = out[i].astype(give_back)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def psum(x, axis_name, *, topology=None):
+def psum(x, axis_name, *, topology=None, axis_index_groups=None):
     """All-reduce sum over named axes with DDL's topology-aware algorithm.
 
     A drop-in replacement for `jax.lax.psum` inside `jax.shard_map` (check_vma on or off)
     and `jax.pmap`, under `jit`, `vmap`, `grad`, `jvp` and `vjp`.
 
     Args:
-      x: a pytree of arrays (float32, float64, bfloat16, float16, int32, int64; bool is
-        reduced as int32, like jax.lax.psum). All leaves of one dtype go through one call.
+      x: a pytree of arrays. jax_ddl reduces its float32, float64, bfloat16, float16,
+        int32 and int64 leaves (bool is summed as int32, like jax.lax.psum), all leaves of
+        one dtype in one call. Other leaves (uint8, int16, complex64, float8 types, ...)
+        and trees of constants go to jax.lax, with jax.lax's result
+        (`counters()["lax_leaves"]` counts them).
       axis_name: a mesh axis name, or a tuple of names (the rank is then linearised with
         the last name fastest, as `jax.lax.axis_index` does).
       topology: the grid the ranks form, innermost (fastest link) first, e.g. "4x2" or
         (4, 2); its dimensions must multiply to the number of ranks reduced over.
         Defaults to JAX_DDL_TOPOLOGY, else, over all devices of several processes, local
         devices x processes (x hosts, with several processes per host), else flat.
+      axis_index_groups: as in jax.lax.psum; such a call is reduced by jax.lax.
 
     Returns:
       A pytree like `x` holding the sum over the axes, identical on every rank.
 
     Raises:
       NameError: an axis name is not bound (called outside shard_map/pmap).
-      TypeError: a leaf has an unsupported dtype.
       ValueError: a bad topology or axis name.
 
     Differentiation: linear. Its JVP is another jax_ddl.psum of the tangents; its
     transpose is what jax.lax.psum's is (an allreduce without check_vma, a no-op cast to
     varying with it).
     """
-    return allreduce(x, axis_name, op="sum", topology=topology, api="jax_ddl.psum")
+    return allreduce(
+        x,
+        axis_name,
+        op="sum",
+        topology=topology,
+        axis_index_groups=axis_index_groups,
+        api="jax_ddl.psum",
+    )
 
 
-def pmean(x, axis_name, *, topology=None):
+def pmean(x, axis_name, *, topology=None, axis_index_groups=None):
     """All-reduce mean: `psum(x) / axis size`, like `jax.lax.pmean`.
 
     Args/Returns/Raises: as `psum`. Integer inputs give floating means, as in jax.lax.
     Differentiation: linear, as `psum`.
     """
     axes = _canonical_axes(axis_name, "jax_ddl.pmean")
-    summed = allreduce(x, axes, op="sum", topology=topology, api="jax_ddl.pmean")
-    n = math.prod(lax.axis_size(a) for a in axes)
+    summed = allreduce(
+        x,
+        axes,
+        op="sum",
+        topology=topology,
+        axis_index_groups=axis_index_groups,
+        api="jax_ddl.pmean",
+    )
+    if axis_index_groups is not None:
+        n = len(axis_index_groups[0])
+    else:
+        n = math.prod(lax.axis_size(a) for a in axes)
     return jax.tree_util.tree_map(lambda v: v / n, summed)
 
 
-def pmax(x, axis_name, *, topology=None):
-    """All-reduce maximum, like `jax.lax.pmax` (NaN propagates). Not differentiable."""
-    return allreduce(x, axis_name, op="max", topology=topology, api="jax_ddl.pmax")
+def pmax(x, axis_name, *, topology=None, axis_index_groups=None):
+    """All-reduce maximum, like `jax.lax.pmax` (NaN propagates; bools stay bool).
+
+    Args/Returns/Raises: as `psum`. Not differentiable (neither is jax.lax.pmax).
+    """
+    return allreduce(
+        x,
+        axis_name,
+        op="max",
+        topology=topology,
+        axis_index_groups=axis_index_groups,
+        api="jax_ddl.pmax",
+    )
 
 
-def pmin(x, axis_name, *, topology=None):
-    """All-reduce minimum, like `jax.lax.pmin` (NaN propagates). Not differentiable."""
-    return allreduce(x, axis_name, op="min", topology=topology, api="jax_ddl.pmin")
+def pmin(x, axis_name, *, topology=None, axis_index_groups=None):
+    """All-reduce minimum, like `jax.lax.pmin` (NaN propagates; bools stay bool).
+
+    Args/Returns/Raises: as `psum`. Not differentiable (neither is jax.lax.pmin).
+    """
+    return allreduce(
+        x,
+        axis_name,
+        op="min",
+        topology=topology,
+        axis_index_groups=axis_index_groups,
+        api="jax_ddl.pmin",
+    )
 
 
 def supported_platforms() -> tuple:
@@ -415,19 +482,24 @@ def supported_platforms() -> tuple:
 
 
 def counters() -> dict:
-    """Process-wide counters of the engine.
+    """Process-wide counters of the engine, since the last `reset_counters()`.
 
     Returns:
       dict with `calls` (custom calls, one per device per dtype group), `bytes` (bytes
       reduced, summed over devices), `errors`, `small_calls` (calls that took the one-shot
-      small-message path), and seconds summed over device threads: `arrive_s` (waiting for
-      all ranks), `reduce_scatter_s` (every stage but the last, with its barrier),
-      `broadcast_s` (the last stage: reduce and write into every rank's output, then the
-      exit barrier) and `small_s` (the one-shot small-message path's reduction).
+      small-message path), `stale_messages` (late cross-process messages of failed calls,
+      recognised and dropped), `lax_leaves` (leaves handed to jax.lax when a call was
+      traced: dtypes jax_ddl does not reduce, or axis_index_groups), and seconds summed
+      over device threads: `arrive_s` (waiting for all ranks), `reduce_scatter_s` (every
+      stage but the last, with its barrier), `broadcast_s` (the last stage: reduce and
+      write into every rank's output, then the exit barrier) and `small_s` (the one-shot
+      small-message path's reduction).
     """
-    return dict(_ddl.counters())
+    return {**_ddl.counters(), "lax_leaves": _lax_leaves}
 
 
 def reset_counters() -> None:
     """Sets every counter back to zero."""
+    global _lax_leaves
+    _lax_leaves = 0
     _ddl.reset_counters()
