@@ -1,0 +1,71 @@
+"""Memory stays bounded: a call site's state (scratch, staging) lives as long as the
+executable that owns it, and a warm call allocates nothing that lasts.
+
+Measured before this design: 50 functions of 0.5 MiB bfloat16 per device, topology 2x4,
+each compiled, run once and dropped, grew the process by 432 MB (per-site state was
+never freed). Resident memory is read from /proc/self/status."""
+
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from helpers import mesh_of
+from jax.sharding import PartitionSpec as P
+
+import jax_ddl
+from jax_ddl import _ddl
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def test_dropped_functions_free_their_call_sites():
+    """200 distinct functions, each lowered, compiled, run once and dropped: no call site
+    outlives its executable and resident memory stays flat."""
+    mesh = mesh_of((8,), ("i",))
+    x = jnp.ones((8, 256 * 1024), jnp.bfloat16)  # 0.5 MiB per device, float32 scratch
+    base = _ddl.resources()["live_sites"]
+    rss = {}
+    for k in range(200):
+        f = jax.jit(
+            jax.shard_map(
+                lambda v, k=k: jax_ddl.psum(v * k, "i", topology="2x4"),
+                mesh=mesh,
+                in_specs=P("i"),
+                out_specs=P(),
+            )
+        )
+        np.testing.assert_array_equal(np.asarray(f(x)[0], np.float32)[:4], 8.0 * k)
+        del f
+        jax.clear_caches()
+        gc.collect()
+        assert _ddl.resources()["live_sites"] == base, f"function {k}"
+        if k in (20, 199):
+            rss[k] = _rss_mb()
+    # Measured: +1 MB from function 20 to 199 (the leak was 8.6 MB per function).
+    assert rss[199] - rss[20] < 60, rss
+
+
+def test_soak_of_one_function_keeps_memory_and_threads_flat():
+    """10,000 calls of one function: resident memory and jax_ddl's threads stay flat."""
+    mesh = mesh_of((8,), ("i",))
+    f = jax.jit(
+        jax.shard_map(lambda v: jax_ddl.psum(v, "i"), mesh=mesh, in_specs=P("i"), out_specs=P())
+    )
+    x = jnp.ones((8, 4096), jnp.float32)
+    for _ in range(1000):
+        out = f(x)
+    jax.block_until_ready(out)
+    before, threads = _rss_mb(), _ddl.resources()["worker_threads"]
+    for _ in range(10_000):
+        out = f(x)
+    np.testing.assert_array_equal(np.asarray(out)[:4], 8.0)
+    after = _rss_mb()
+    assert after - before < 20, (before, after)  # measured: +0 MB
+    assert _ddl.resources()["worker_threads"] <= max(threads, 16)
