@@ -78,11 +78,40 @@ def two_hosts():
     try:
         addresses = hosts.up(2)
     except (subprocess.CalledProcessError, OSError) as e:
-        hosts.down()
         pytest.skip(f"cannot create network namespaces here: {getattr(e, 'stderr', '') or e}")
     launcher = ("-launcher", "ssh", "-launcher-exec", str(ROOT / "tools" / "emulated_hosts.py"))
     yield (*launcher, "-hosts", ",".join(addresses))
-    hosts.down()
+    hosts.down(addresses)
+
+
+def test_emulated_host_instances_are_independent_and_paths_are_quoted(tmp_path):
+    """Two sets of emulated hosts at once get different namespaces and subnets, and taking
+    one down leaves the other; the launcher runs commands in a directory whose name needs
+    shell quoting."""
+    hosts = _emulated_hosts_module()
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("emulated hosts need root and iproute2 (network namespaces)")
+    a, b = hosts.up(1), hosts.up(2)
+    try:
+        assert a[0].rsplit(".", 1)[0] != b[0].rsplit(".", 1)[0]
+        names = lambda: {n for n, _ in hosts._namespaces()}  # noqa: E731
+        ka, kb = hosts.locate(a[0])[0], hosts.locate(b[0])[0]
+        assert {f"ddl{ka}-host0", f"ddl{kb}-host0", f"ddl{kb}-host1"} <= names()
+        odd = tmp_path / "it's a $dir"
+        odd.mkdir()
+        r = subprocess.run(
+            [sys.executable, ROOT / "tools" / "emulated_hosts.py", "-x", b[1], "pwd"],
+            capture_output=True,
+            text=True,
+            cwd=odd,
+        )
+        assert r.returncode == 0 and r.stdout.strip() == str(odd), r.stderr
+        hosts.down(a)
+        assert f"ddl{ka}-host0" not in names()
+        assert {f"ddl{kb}-host0", f"ddl{kb}-host1"} <= names()
+    finally:
+        hosts.down(a)
+        hosts.down(b)
 
 
 def test_collectives_across_two_emulated_hosts(two_hosts):
