@@ -337,10 +337,23 @@ def _recovery(mode, env=None):
 def test_call_identity_does_not_depend_on_what_a_process_lowered_before():
     """Process 0 lowers, prints and compiles other jax_ddl functions first; then both run
     one program of 4 independent same-shape calls and a jitted function called twice,
-    5 times, hierarchically and with the flat spec: every result exact."""
+    5 times, hierarchically and with the flat spec: every result exact. Also: the process
+    survives the launcher's SIGUSR1, its child processes start with the default action."""
     calls = _recovery("identity")
-    assert len(calls) == 2 * 2 * 5
+    assert len(calls) == 2 * (2 * 5 + 1)
     assert {v[0] for v in calls.values()} == {"ok"}, calls
+
+
+def test_a_program_that_starts_jax_distributed_itself_gets_the_transport():
+    """jax.distributed.initialize(..., process_id=MPI rank) by the program, no
+    jax_ddl.distributed: the first call across processes attaches MPI, and it is exact."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    calls = _recovery("user-init", env={"COORDINATOR_PORT": str(port)})
+    assert len(calls) == 6 and {v[0] for v in calls.values()} == {"ok"}, calls
 
 
 def test_a_process_late_past_the_deadline_never_gets_wrong_sums():

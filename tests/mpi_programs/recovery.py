@@ -9,6 +9,9 @@ recovery after failures, per argv[1] (argv[2]: local devices per process):
             jitted psum (inputs scaled by 1, 2, 3, 4).
   topology  the processes give different topologies for one call, then agree.
   short     process 1 sends every data frame one byte short (test-only fault), then not.
+  user-init the program starts jax.distributed itself (jax.distributed.initialize with
+            the MPI rank as process id, no jax_ddl.distributed); jax_ddl attaches its MPI
+            transport at the first call across processes.
 
 Each call's outcome is printed as "CALL <rank> <label> ok|wrong|error <seconds> <message>";
 a result is "ok" only if it is exact. Ends with "DONE <rank>".
@@ -21,7 +24,16 @@ import time
 import jax_ddl.distributed
 
 mode, local = sys.argv[1], int(sys.argv[2])
-info = jax_ddl.distributed.initialize(local_devices=local)
+if mode == "user-init":
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", local)
+    rank, size = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
+    address = f"127.0.0.1:{os.environ['COORDINATOR_PORT']}"
+    jax.distributed.initialize(address, num_processes=size, process_id=rank)
+    info = {"process_index": rank, "process_count": size}
+else:
+    info = jax_ddl.distributed.initialize(local_devices=local)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -71,6 +83,15 @@ x = global_array(glob)
 total = glob.sum(0)
 
 if mode == "identity":
+    # The launcher's SIGUSR1 is caught in this process, but its children start with the
+    # default action, as if jax_ddl were not there.
+    import signal
+    import subprocess
+
+    probe = "import signal, sys; sys.exit(signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL)"
+    child = subprocess.run([sys.executable, "-c", probe]).returncode
+    here = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN)
+    print(f"CALL {rank} sigusr1 {'ok' if child == 0 and here else 'wrong'} 0.0", flush=True)
     if rank == 0:  # a different lowering history: process 0 lowers and compiles more first
         for k in range(3):
             extra = spmd(lambda v, k=k: jax_ddl.psum(v * k, "i", topology=str(n)))
@@ -107,6 +128,12 @@ elif mode == "topology":
     mine = "2x2" if rank == 0 else "4"
     report("mismatch", lambda: spmd(lambda v: jax_ddl.psum(v, "i", topology=mine))(x), total)
     report("agreed", lambda: spmd(lambda v: jax_ddl.psum(v, "i", topology="2x2"))(x), total)
+
+elif mode == "user-init":
+    report("default", lambda: spmd(lambda v: jax_ddl.psum(v, "i"))(x), total)
+    report("flat", lambda: spmd(lambda v: jax_ddl.psum(v, "i", topology=str(n)))(x), total)
+    layout = jax_ddl.distributed.layout()
+    print(f"CALL {rank} layout {'ok' if layout['hosts'] == 1 else 'wrong'} 0.0", flush=True)
 
 elif mode == "short":
     if rank == 1:

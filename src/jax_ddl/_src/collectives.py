@@ -257,21 +257,16 @@ def _leaf_dtype(x) -> np.dtype:
 
 def _check_processes(size: int, api: str, axes: tuple) -> None:
     """At trace time: a reduction whose ranks span processes needs the MPI transport
-    (jax_ddl.distributed.initialize) and all devices of all processes."""
+    (attached by jax_ddl.distributed.initialize, or here on first use under mpiexec) and
+    all devices of all processes."""
     local, procs = jax.local_device_count(), jax.process_count()
     if procs == 1 or size <= local:
         return
     if not _ddl.mpi_attached():
-        why = (
-            "this build has no MPI transport (no MPI headers when it was built)"
-            if not _ddl.mpi_compiled_in()
-            else "jax_ddl's MPI transport is not attached: start the program under mpiexec "
-            "and call jax_ddl.distributed.initialize() first"
-        )
-        raise NotImplementedError(
-            f"{api}: axes {list(axes)} span {size} devices but this process has {local}: "
-            f"the reduction crosses processes, and {why}."
-        )
+        from jax_ddl._src import distributed
+
+        timeout = timeout_ms()
+        distributed.attach_on_first_use(api, timeout / 1000 if timeout > 0 else 1e9)
     if size != local * procs:
         raise NotImplementedError(
             f"{api}: axes {list(axes)} span {size} of the {local * procs} devices; across "
@@ -345,8 +340,8 @@ def allreduce(
         )
     sizes = compat.mesh_axis_sizes()
     size = math.prod(sizes[a] for a in mesh_axes)
+    _check_processes(size, api, mesh_axes)  # may attach MPI: the default grid counts hosts
     dims = _topology.resolve(topology, size, api, mesh_axes)
-    _check_processes(size, api, mesh_axes)
     vma = compat.check_vma_enabled()
 
     groups = defaultdict(list)

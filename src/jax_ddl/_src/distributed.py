@@ -1,9 +1,10 @@
 """Multi-process start-up under mpiexec: MPI first, then jax.distributed from MPI's ranks.
 
-One MPI rank per process. MPI is initialised with MPI_THREAD_MULTIPLE (jax_ddl's device
-threads will talk MPI concurrently, one sub-communicator per local device slot), and rank 0
-publishes the address of jax's coordination service to the others over MPI, so a program
-needs no hand-written host:port to start.
+One MPI rank per process. MPI is initialised with MPI_THREAD_MULTIPLE (jax_ddl's threads
+talk MPI concurrently, one sub-communicator per local device slot), and rank 0 publishes
+the address of jax's coordination service to the others over MPI, so a program needs no
+hand-written host:port to start. A program that starts jax.distributed itself (the usual
+JAX way) gets the MPI transport attached at its first jax_ddl call across processes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
+import time
 
 import jax
 
@@ -120,11 +123,7 @@ def initialize(
         jax.config.update("jax_num_cpu_devices", local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if recoverable:
-        # MPICH's launcher signals SIGUSR1 to the survivors when a process fails; its
-        # default action would kill them silently before jax_ddl can name the missing
-        # ranks. Ignore it unless the program installed a handler of its own.
-        if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        _survive_sigusr1()
     address = None
     if rank == 0:
         host = "127.0.0.1" if len(distinct) == 1 else socket.gethostname()
@@ -134,38 +133,134 @@ def initialize(
     jax.distributed.initialize(
         address, num_processes=size, process_id=rank, initialization_timeout=timeout_s
     )
-    _attach_transport(MPI, comm, rank, size)
-    _layout = {
+    _attach_transport(MPI, comm, rank, size, deadline=time.monotonic() + timeout_s)
+    _layout = _host_layout(hosts, rank, size)
+    return dict(_layout)
+
+
+def _host_layout(hosts: list, rank: int, size: int) -> dict:
+    distinct = sorted(set(hosts), key=hosts.index)
+    even = len({hosts.count(h) for h in distinct}) == 1
+    return {
         "process_index": rank,
         "process_count": size,
         "hosts": len(distinct),
         "processes_per_host": size // len(distinct),
         # Each host's processes are consecutive ranks (mpiexec's default block placement):
         # then the default topology can have a host dimension.
-        "hosts_contiguous": all(
-            hosts[r] == hosts[r - r % (size // len(distinct))] for r in range(size)
-        ),
+        "hosts_contiguous": even
+        and all(hosts[r] == hosts[r - r % (size // len(distinct))] for r in range(size)),
     }
-    return dict(_layout)
+
+
+def _ignore_sigusr1(signum, frame) -> None:
+    """Keeps a surviving process alive when MPICH's launcher signals a failed peer."""
+
+
+def _survive_sigusr1() -> None:
+    """MPICH's launcher signals SIGUSR1 to the survivors when a process fails; its default
+    action would kill them silently before jax_ddl can name the missing ranks. Catch it
+    with a handler that does nothing, unless the program installed one of its own. A
+    handler (not SIG_IGN) is reset to the default in child processes when they start a
+    program, so children keep the normal behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGUSR1, _ignore_sigusr1)
 
 
 _slot_comms: list = []
+_attach_lock = threading.Lock()
 
 
-def _attach_transport(MPI, comm, rank: int, size: int) -> None:
+def _wait(request, deadline: float, what: str) -> None:
+    """Completes a nonblocking MPI collective, polling, or fails by `deadline`."""
+    pause = 1e-4
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"jax_ddl: not every process reached {what} within JAX_DDL_TIMEOUT; every "
+                "process must trace the same jax_ddl calls across processes"
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def _attach_transport(MPI, comm, rank: int, size: int, deadline: float) -> None:
     """One communicator per local device slot, each spanning all processes, so all slots
     exchange across processes at once; errors are returned to jax_ddl (which fails the call
-    naming the processes) instead of aborting every process."""
+    naming the processes) instead of aborting every process. Collective: every process
+    attaches, and waits for the others until `deadline`."""
     from jax_ddl import _ddl
 
     if not _ddl.mpi_compiled_in():
         return  # reductions across processes are then refused at trace time, naming why
-    _slot_comms.clear()
+    comms = []
     for _ in range(jax.local_device_count()):
-        slot = comm.Dup()
+        slot, request = comm.Idup()
+        _wait(request, deadline, "the attachment of jax_ddl's MPI transport")
         slot.Set_errhandler(MPI.ERRORS_RETURN)
-        _slot_comms.append(slot)
+        comms.append(slot)
+    _slot_comms[:] = comms
     _ddl.mpi_attach([_signed(MPI._handleof(c)) for c in _slot_comms], rank, size)
+
+
+def attach_on_first_use(api: str, timeout_s: float) -> None:
+    """Attaches the MPI transport in a program that started jax.distributed itself.
+
+    Called when a reduction across processes is traced and the transport is not attached.
+    Under mpiexec, with one MPI rank per jax process in the same order, it initialises MPI
+    (thread level MULTIPLE) through mpi4py, counts hosts, and attaches; every process
+    does the same at its first such call, and waits up to `timeout_s` for the others.
+
+    Raises:
+      NotImplementedError: not under mpiexec, or a build without the MPI transport.
+      RuntimeError: MPI's ranks are not jax's processes, or the others never attached.
+    """
+    global _layout
+    from jax_ddl import _ddl
+
+    with _attach_lock:
+        if _ddl.mpi_attached():
+            return
+        if not _ddl.mpi_compiled_in():
+            raise NotImplementedError(
+                f"{api}: the reduction crosses processes, and this build of jax_ddl has no MPI "
+                "transport (no MPI headers when it was built); reinstall with the mpi extra"
+            )
+        if not launched_by_mpiexec():
+            raise NotImplementedError(
+                f"{api}: the reduction crosses processes, which jax_ddl does over MPI: start "
+                "the program under mpiexec (and call jax_ddl.distributed.initialize(), or "
+                "jax.distributed.initialize with process_id = the MPI rank)"
+            )
+        MPI = _mpi()
+        if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            raise RuntimeError(
+                f"{api}: MPI was initialised without MPI_THREAD_MULTIPLE; import mpi4py with "
+                "mpi4py.rc.thread_level = 'multiple' (its default) or leave it to jax_ddl"
+            )
+        comm = MPI.COMM_WORLD
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
+        rank, size = comm.Get_rank(), comm.Get_size()
+        if (rank, size) != (jax.process_index(), jax.process_count()):
+            raise RuntimeError(
+                f"{api}: MPI rank {rank} of {size} runs jax process {jax.process_index()} of "
+                f"{jax.process_count()}; jax_ddl pairs processes by MPI rank, so start "
+                "jax.distributed with num_processes = the MPI size and process_id = the MPI "
+                "rank (or call jax_ddl.distributed.initialize(), which does)"
+            )
+        deadline = time.monotonic() + timeout_s
+        names = bytearray(MPI.Get_processor_name().encode()[:255].ljust(256, b"\0"))
+        gathered = bytearray(256 * size)
+        request = comm.Iallgather(names, gathered)
+        _wait(request, deadline, "the attachment of jax_ddl's MPI transport")
+        hosts = [
+            bytes(gathered[i * 256 : (i + 1) * 256]).rstrip(b"\0").decode() for i in range(size)
+        ]
+        _survive_sigusr1()
+        _attach_transport(MPI, comm, rank, size, deadline)
+        _layout = _host_layout(hosts, rank, size)
 
 
 def _signed(handle: int) -> int:
