@@ -116,6 +116,24 @@ def test_learning_rate_scales_with_batch_warms_up_and_decays():
     assert [float(step(s)) for s in (0, 34, 67, 99)] == pytest.approx([0.1, 0.01, 1e-3, 1e-4])
 
 
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_step_decay_never_collides_and_never_starts_decayed(warmup):
+    """x0.1 at 1/3, 2/3 and 8/9 of the steps after warm-up, for every run length: the
+    first step after warm-up is at the peak rate, decays that round to one step multiply
+    there (a 2-step run used to decay at steps 0 and 1, one decay lost)."""
+    for total in range(warmup + 1, warmup + 40):
+        rest = total - warmup
+        lr = training.Recipe(
+            global_batch=256, total_steps=total, warmup_steps=warmup, decay="step"
+        ).schedule()
+        bounds = [max(1, round(rest * f)) for f in (1 / 3, 2 / 3, 8 / 9)]
+        for t in range(rest + 1):
+            want = 0.1 * 0.1 ** sum(t >= b for b in bounds)
+            assert float(lr(warmup + t)) == pytest.approx(want, rel=1e-6), (total, t)
+    # 2 steps: 1/3 and 2/3 both round to step 1 (x0.01 there), 8/9 to step 2.
+    assert training.step_decay_boundaries(2) == {1: pytest.approx(0.01), 2: pytest.approx(0.1)}
+
+
 def test_weight_decay_reaches_kernels_only_and_sgd_is_nesterov():
     r = training.Recipe(global_batch=256, total_steps=10, weight_decay=0.5)
     params = {
@@ -306,7 +324,7 @@ def test_folder_source_decodes_crops_and_normalises(tmp_path):
     np.testing.assert_array_equal(y, [0] * 6)
     x2, _ = tr.load(np.arange(6), step=0, train=True)
     x3, _ = tr.load(np.arange(6), step=1, train=True)
-    np.testing.assert_array_equal(x, x2)  # augmentation is a function of (seed, step, row)
+    np.testing.assert_array_equal(x, x2)  # augmentation is a function of (seed, step, example)
     assert not np.array_equal(x, x3)
     # Evaluation: a resize-and-centre-crop of the decoded image, normalised.
     from PIL import Image
@@ -318,6 +336,44 @@ def test_folder_source_decodes_crops_and_normalises(tmp_path):
     assert im.size == (20, 14)
     crop = np.asarray(im.crop((4, 1, 16, 13)), np.float32) / 255.0
     np.testing.assert_allclose(v[0], (crop - data.IMAGENET_MEAN) / data.IMAGENET_STD, atol=1e-5)
+
+
+def test_augmentation_is_the_same_with_any_number_of_processes(tmp_path):
+    """Each process builds its own rows of the global batch: the crops and flips come from
+    the example, not from its row in a process's share, so 1, 2 or 3 processes assemble the
+    very batch one process builds (the old seeding gave every process's rows the same
+    augmentations)."""
+    root = make_folder(tmp_path, per_class=8)
+    src = data.FolderSource(root, "train", 12, seed=5)
+    loaders = {
+        procs: [
+            data.TrainLoader(
+                src, 6, seed=1, start_step=3, total_steps=4, process_index=p, process_count=procs
+            )
+            for p in range(procs)
+        ]
+        for procs in (1, 2, 3)
+    }
+    whole = loaders[1][0].batch(3)[0]
+    for procs in (2, 3):
+        parts = np.concatenate([loader.batch(3)[0] for loader in loaders[procs]])
+        np.testing.assert_array_equal(parts, whole)
+    for group in loaders.values():
+        for loader in group:
+            loader.close()
+
+
+def test_synthetic_batches_larger_than_the_image_pool():
+    """--synthetic --batch-size 1024 divided by zero (an epoch of 512 pool images held no
+    batch); the source now counts at least one batch of examples."""
+    src = data.SyntheticSource(8, 10, size=1024)
+    assert len(src) == 1024 and data.steps_per_epoch(src, 1024) == 1
+    loader = data.TrainLoader(src, 1024, seed=0, start_step=0, total_steps=3)
+    try:
+        steps = [(step, x.shape, y.shape) for step, (x, y) in loader]
+    finally:
+        loader.close()
+    assert steps == [(s, (1024, 8, 8, 3), (1024,)) for s in range(3)]
 
 
 def test_folder_errors_name_the_problem(tmp_path):
@@ -447,6 +503,116 @@ def test_synthetic_data_trains_at_any_size(tmp_path):
     assert summary["image_size"] == 20 and summary["allreduce"] == "lax"
     assert "allreduce_share" not in summary  # jax_ddl is not used in lax mode
     assert all(x["allreduce_s"] is None for x in records if x["kind"] == "train")
+
+
+def test_synthetic_batch_of_1024_trains(tmp_path):
+    r = run_cli(
+        *TINY,
+        "--synthetic",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "1024",
+        "--steps",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert [
+        x["step"] for x in read_metrics(tmp_path / "metrics.jsonl") if x["kind"] == "train"
+    ] == [1]
+
+
+def test_metrics_are_fetched_in_windows_one_record_per_step(tmp_path):
+    """--metrics-every 4: the host fetches the metrics every 4 steps (and after the first
+    step, at evaluations and at the end), still writing one record per step; a window's
+    steps share its time."""
+    r = run_cli(
+        *TINY,
+        "--steps",
+        "10",
+        "--eval-every",
+        "6",
+        "--metrics-every",
+        "4",
+        "--out-dir",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    train = [x for x in read_metrics(tmp_path / "metrics.jsonl") if x["kind"] == "train"]
+    assert [x["step"] for x in train] == list(range(1, 11))
+    times = [x["step_time_s"] for x in train]
+    # Windows: {1}, {2,3,4}, {5,6} (evaluation), {7,8}, {9,10} (end).
+    for window in ([1, 2, 3], [4, 5], [6, 7], [8, 9]):
+        assert len({times[i] for i in window}) == 1, times
+    assert run_cli(*TINY, "--metrics-every", "0").returncode == 2
+
+
+def test_a_killed_run_resumes_with_each_step_logged_once(tmp_path):
+    """A run killed (SIGKILL) after its checkpoint at step 4, with later steps in its
+    metrics file and a torn last line: --resume continues from its last checkpoint, the
+    file ends with every step exactly once, and the summary counts the resumed steps
+    only (the file used to hold the steps past the checkpoint twice, and a torn line
+    raised JSONDecodeError)."""
+    import signal
+    import time
+
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    args = [
+        *TINY,
+        "--steps",
+        "12",
+        "--checkpoint-every",
+        "4",
+        "--metrics-every",
+        "1",
+        "--out-dir",
+        str(out),
+        "--checkpoint-dir",
+        str(ckpt),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "train.py"), "--no-progress", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+    )
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            steps = []
+            if metrics_file.exists():
+                steps = [x["step"] for x in data_records(metrics_file) if x["kind"] == "train"]
+            # Past step 6, with the checkpoint of step 4 complete (orbax renames its folder
+            # into place when it is).
+            if max(steps, default=0) >= 6 and (ckpt / "4").is_dir():
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    with open(metrics_file, "a") as f:
+        f.write('{"kind": "train", "step": 9, "lo')  # a line the crash cut short
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    records = read_metrics(metrics_file)  # every line parses
+    train = [x["step"] for x in records if x["kind"] == "train"]
+    assert train == list(range(1, 13))
+    (summary,) = [x for x in records if x["kind"] == "summary"]
+    # Step 4's checkpoint, or step 8's if it completed before the kill.
+    assert summary["first_step"] in (4, 8)
+    assert summary["steps_timed"] == 12 - summary["first_step"] - 1
+
+
+def data_records(path):
+    from resnet import reporting
+
+    return reporting.read_records(path)
 
 
 def _restore(directory, step):

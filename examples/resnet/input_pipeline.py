@@ -2,9 +2,10 @@
 synthetic images; and the loaders that turn any of them into per-step batches.
 
 Batches are deterministic functions of (seed, step): the epoch's order comes from
-(seed, epoch) and each image's augmentation from (seed, step, position), so a run resumed
-from a checkpoint at step s sees exactly the batches an uninterrupted run sees. In a
-multi-process run every process builds only its own rows of each global batch.
+(seed, epoch) and each image's augmentation from (seed, step, example index), so a run
+resumed from a checkpoint at step s sees exactly the batches an uninterrupted run sees,
+and a multi-process run, where every process builds only its own rows of each global
+batch, sees the batches of a single process.
 """
 
 from __future__ import annotations
@@ -70,19 +71,24 @@ class DigitsSource:
 
 class SyntheticSource:
     """Random images and labels for measuring throughput at any size: a fixed pool of
-    `pool` images, so producing a batch costs a copy, not a random draw."""
+    `pool` images, so producing a batch costs a copy, not a random draw. The source
+    counts `size` images (at least the pool), which an epoch runs through; example i is
+    pool image i mod pool, so any batch size works."""
 
     name = "synthetic"
 
-    def __init__(self, image_size: int, num_classes: int, seed: int = 0, pool: int = 512):
+    def __init__(
+        self, image_size: int, num_classes: int, seed: int = 0, pool: int = 512, size: int = 0
+    ):
         rng = np.random.default_rng(seed)
         self.num_classes = num_classes
         self.images = rng.standard_normal((pool, image_size, image_size, 3), np.float32)
         self.labels = rng.integers(0, num_classes, pool).astype(np.int32)
         self.image_shape = self.images.shape[1:]
+        self.size = max(pool, size)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.size
 
     def load(self, indices, step: int, train: bool):
         del step, train
@@ -148,7 +154,7 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load_one(self, i: int, step: int, position: int, train: bool) -> np.ndarray:
+    def load_one(self, i: int, step: int, train: bool) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
         path = self.paths[i]
@@ -156,7 +162,9 @@ class FolderSource:
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 if train:
-                    rng = np.random.default_rng((self.seed, step, position))
+                    # Drawn from the example, not its row in this process's share of the
+                    # batch: the same crop and flip with any number of processes.
+                    rng = np.random.default_rng((self.seed, step, i))
                     im = _random_resized_crop(im, self.image_size, rng)
                 else:
                     im = _center_crop(im, self.image_size)
@@ -166,11 +174,10 @@ class FolderSource:
         return (x - IMAGENET_MEAN) / IMAGENET_STD
 
     def load(self, indices, step: int, train: bool, pool=None):
-        def one(args):
-            pos, i = args
-            return self.load_one(int(i), step, pos, train)
+        def one(i):
+            return self.load_one(int(i), step, train)
 
-        jobs = list(enumerate(indices))
+        jobs = list(indices)
         images = list(pool.map(one, jobs)) if pool is not None else [one(j) for j in jobs]
         return np.stack(images), self.labels[np.asarray(indices)]
 

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-every", type=int, default=10, help="steps between log lines when not on a terminal"
     )
     g.add_argument(
+        "--metrics-every",
+        type=int,
+        default=10,
+        help="steps between fetches of the metrics from the devices (each fetch waits for "
+        "them; in between the host runs ahead, preparing the next batches)",
+    )
+    g.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -208,7 +215,8 @@ def load_data(args):
         _check_size(size)
         if args.num_classes < 2:
             raise UsageError(f"--num-classes must be >= 2; got {args.num_classes}")
-        return data.SyntheticSource(size, args.num_classes, seed=args.seed), None
+        source = data.SyntheticSource(size, args.num_classes, seed=args.seed, size=args.batch_size)
+        return source, None
     size = args.image_size or 8
     _check_size(size)
     return data.DigitsSource("train", size), data.DigitsSource("test", size)
@@ -264,6 +272,8 @@ def plan(args) -> Run:
         raise UsageError("--topology applies to --allreduce ddl only")
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir (where the checkpoints are)")
+    if args.metrics_every < 1:
+        raise UsageError(f"--metrics-every must be >= 1; got {args.metrics_every}")
     for flag in ("eval_every", "checkpoint_every", "stop_at_step"):
         v = getattr(args, flag)
         if v is not None and v < 0:
@@ -414,7 +424,9 @@ def train(run: Run) -> dict:
     out = pathlib.Path(args.out_dir)
     main_process = jax.process_index() == 0
     metrics = reporting.MetricsLog(
-        args.metrics_out or out / "metrics.jsonl", append=args.resume, enabled=main_process
+        args.metrics_out or out / "metrics.jsonl",
+        resume_at=start if args.resume else None,
+        enabled=main_process,
     )
     plot_path = args.plot_out or out / "training.png"
     progress = reporting.Progress(
@@ -444,18 +456,25 @@ def train(run: Run) -> dict:
     t_start = time.perf_counter()
     last_eval = None
     saved_at = None
-    try:
-        for step, (images, labels) in loader:
-            batch = training.shard_batch(mesh, images, labels)
-            ddl0, wait0 = ddl_seconds(), ddl_seconds("wait")
-            state, m = train_step(state, *batch)
-            m = jax.device_get(m)
-            dt = timer.lap()
+    # Metrics stay on the devices until a fetch: every --metrics-every steps, at
+    # evaluations, checkpoints and the end, and after the first step (its time includes
+    # compilation). Between fetches the host runs ahead, dispatching the next steps.
+    pending: list = []
+    ddl_mark = [ddl_seconds(), ddl_seconds("wait")]
+
+    def fetch():
+        if not pending:
+            return
+        values = jax.device_get([m for _, m in pending])
+        dt = timer.lap() / len(pending)
+        ddl_s = wait_s = None
+        if args.allreduce == "ddl":
+            now = [ddl_seconds(), ddl_seconds("wait")]
+            ddl_s = (now[0] - ddl_mark[0]) / local_dev / len(pending)
+            wait_s = (now[1] - ddl_mark[1]) / local_dev / len(pending)
+            ddl_mark[:] = now
+        for (step, _), m in zip(pending, values):
             done = step + 1
-            ddl_s = wait_s = None
-            if args.allreduce == "ddl":
-                ddl_s = (ddl_seconds() - ddl0) / local_dev
-                wait_s = (ddl_seconds("wait") - wait0) / local_dev
             record = {
                 "kind": "train",
                 "step": done,
@@ -471,7 +490,25 @@ def train(run: Run) -> dict:
             metrics.write(record)
             extra = f" held-out {last_eval:.3f}" if last_eval is not None else ""
             progress.step(done, record["loss"], record["lr"], record["images_per_s"], extra)
-            if run.eval_every and (done % run.eval_every == 0 or done == end):
+        pending.clear()
+
+    def restart_clock():
+        timer.reset()
+        ddl_mark[:] = [ddl_seconds(), ddl_seconds("wait")]
+
+    try:
+        for step, (images, labels) in loader:
+            batch = training.shard_batch(mesh, images, labels)
+            state, m = train_step(state, *batch)
+            pending.append((step, m))
+            done = step + 1
+            evaluate_now = run.eval_every and (done % run.eval_every == 0 or done == end)
+            save_now = ckpts and (
+                done == end or (run.checkpoint_every and done % run.checkpoint_every == 0)
+            )
+            if done == start + 1 or done % args.metrics_every == 0 or evaluate_now or save_now:
+                fetch()
+            if evaluate_now:
                 ev = evaluate(run, eval_step, state)
                 last_eval = ev["accuracy"]
                 metrics.write({"kind": "eval", "step": done, **ev})
@@ -481,13 +518,12 @@ def train(run: Run) -> dict:
                 )
                 if main_process:
                     reporting.plot(metrics.records, plot_path)
-                timer.reset()
-            if ckpts and (
-                done == end or (run.checkpoint_every and done % run.checkpoint_every == 0)
-            ):
+                restart_clock()
+            if save_now:
                 ckpts.save(done, state)
                 saved_at = done
-                timer.reset()
+                restart_clock()
+        fetch()
     finally:
         loader.close()
         progress.close()

@@ -11,21 +11,51 @@ import time
 import numpy as np
 
 
+def read_records(path) -> list:
+    """The JSON records of a metrics file. A last line cut short (the run was killed while
+    writing it) is left out; a bad line anywhere else is an error naming it."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break  # torn by a crash
+            raise ValueError(f"{path}: line {n} is not JSON: {line[:80]!r}") from None
+    return records
+
+
+def _before(record: dict, step: int) -> bool:
+    """Whether a record belongs to the run up to `step` (and not past it)."""
+    if record.get("kind") == "summary":
+        return record.get("last_step", 0) <= step
+    return record.get("step", 0) <= step
+
+
 class MetricsLog:
     """Appends one JSON object per line; `records` keeps them for the plot and summary.
-    With `enabled=False` (processes other than the first) it only keeps the records."""
+    With `enabled=False` (processes other than the first) it only keeps the records.
 
-    def __init__(self, path, *, append: bool = False, enabled: bool = True):
+    `resume_at=step` continues a run from its checkpoint at `step`: records past it (a
+    run that crashed after its last checkpoint wrote them, and will write them again) and
+    a torn last line are dropped from the file before new records are appended.
+    """
+
+    def __init__(self, path, *, resume_at: int | None = None, enabled: bool = True):
         self.path = pathlib.Path(path)
         self.records: list = []
         self._file = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append and self.path.exists():
-            with open(self.path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
-        self._file = open(self.path, "a" if append else "w")
+        if resume_at is not None and self.path.exists():
+            self.records = [r for r in read_records(self.path) if _before(r, resume_at)]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+        self._file = open(self.path, "a" if resume_at is not None else "w")
 
     def write(self, record: dict) -> None:
         self.records.append(record)

@@ -45,7 +45,8 @@ class Recipe:
       lr_per_256: learning rate for a global batch of 256; scaled linearly with the batch.
       warmup_steps: linear warm-up from 0 to the scaled rate.
       decay: "cosine" to 0 at `total_steps`, or "step" (x0.1 at 1/3, 2/3 and 8/9 of the
-        steps after warm-up: the 30/60/80-of-90-epoch schedule).
+        steps after warm-up: the 30/60/80-of-90-epoch schedule; each boundary is at least
+        one step in, and boundaries that round to the same step decay together).
       momentum: Nesterov momentum.
       weight_decay: L2 on convolution and dense kernels only (not BatchNorm, not biases).
       label_smoothing: 0 for plain cross-entropy.
@@ -71,8 +72,7 @@ class Recipe:
         if self.decay == "cosine":
             after = optax.cosine_decay_schedule(peak, rest)
         elif self.decay == "step":
-            bounds = {int(rest * f): 0.1 for f in (1 / 3, 2 / 3, 8 / 9)}
-            after = optax.piecewise_constant_schedule(peak, bounds)
+            after = optax.piecewise_constant_schedule(peak, step_decay_boundaries(rest))
         else:
             raise ValueError(f"decay must be 'cosine' or 'step'; got {self.decay!r}")
         if warmup == 0:
@@ -87,6 +87,21 @@ class Recipe:
             optax.add_decayed_weights(self.weight_decay, mask=decay_mask),
             optax.sgd(self.schedule(), momentum=self.momentum, nesterov=True),
         )
+
+
+STEP_DECAY_AT = (1 / 3, 2 / 3, 8 / 9)
+
+
+def step_decay_boundaries(steps: int) -> dict:
+    """{step: factor} for x0.1 at 1/3, 2/3 and 8/9 of `steps`. A boundary is never step 0
+    (the run starts at the peak rate), and boundaries that round to one step multiply
+    there, so a short run still decays by 1e-3 in all (or keeps the peak if too short
+    for any boundary)."""
+    bounds: dict = {}
+    for f in STEP_DECAY_AT:
+        b = max(1, round(steps * f))
+        bounds[b] = bounds.get(b, 1.0) * 0.1
+    return bounds
 
 
 def create_state(model, tx, image_shape, seed: int) -> TrainState:
