@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -150,23 +151,28 @@ void StallIfAsked(const Call& c) {
 // peer has arrived at the next call, i.e. finished reading: no exit barrier is needed.
 // The half flips only after a call succeeded, so a failed call leaves it in step.
 template <typename T>
-ffi::Error RunSmall(const Call& c) {
+Member PrepareSmall(const Call& c) {
+  DeviceSite& ds = *c.ds;
+  const int64_t count = c.desc.count;
+  std::vector<char>& staging = ds.staging[ds.completed & 1];
+  staging.resize(count * sizeof(T));
+  ForEachPiece(ds.offsets, Range{0, count}, [&](int64_t seg, int64_t begin, int64_t len) {
+    std::memcpy(staging.data() + begin * sizeof(T), ds.inputs[seg], len * sizeof(T));
+  });
+  return Member{c.device, c.desc, ds.inputs.data(), ds.outputs.data(), nullptr, staging.data()};
+}
+
+template <typename T>
+ffi::Error FinishSmall(const Call& c, Rendezvous* r, bool arrived) {
   using A = typename AccumOf<T>::type;
   DeviceSite& ds = *c.ds;
   const Plan& plan = c.site->plan();
   const int64_t count = c.desc.count;
   const auto& offsets = ds.offsets;
-  std::vector<char>& staging = ds.staging[ds.completed & 1];
-  staging.resize(count * sizeof(T));
-  ForEachPiece(offsets, Range{0, count}, [&](int64_t seg, int64_t begin, int64_t len) {
-    std::memcpy(staging.data() + begin * sizeof(T), ds.inputs[seg], len * sizeof(T));
-  });
-  Member me{c.device, c.desc, ds.inputs.data(), ds.outputs.data(), nullptr, staging.data()};
-  const auto t0 = Clock::now();
   Failure error;
-  Rendezvous* r = Join(c, plan.num_ranks(), &error);
-  if (r == nullptr) return FailWith(error);
-  if (!r->Arrive(c.rank, me, c.deadline, &error)) return LeaveFailed(c, r, c.rank, &error, false);
+  if (!arrived && r->AwaitAll(c.rank, c.deadline, c.deadline, &error) != 1) {
+    return LeaveFailed(c, r, c.rank, &error, false);
+  }
   for (int64_t q = 0; q < plan.num_ranks(); ++q) ds.peer_ptrs[q] = r->member(q).staging;
   // Peers' staging belongs to the call site, not to XLA: it stays valid after they leave.
   Registry::Get().Leave(r, c.rank, c.deadline);
@@ -196,7 +202,7 @@ ffi::Error RunSmall(const Call& c) {
   ++ds.completed;
   Counters& k = GetCounters();
   k.small_calls.fetch_add(1, std::memory_order_relaxed);
-  k.arrive_ns.fetch_add(Nanos(t0, t1), std::memory_order_relaxed);
+  k.arrive_ns.fetch_add(Nanos(c.start, t1), std::memory_order_relaxed);
   k.small_ns.fetch_add(Nanos(t1, Clock::now()), std::memory_order_relaxed);
   return ffi::Error::Success();
 }
@@ -356,9 +362,22 @@ bool ProcessAllreduce(const Call& c, int64_t slot, MpiCall& mpi, char* data, int
 // at once) and then written into every local output. The order stays fixed by the two
 // plans, so every device of every process gets the same bits.
 template <typename T>
-ffi::Error RunLarge(const Call& c, bool cross) {
+Member PrepareLarge(const Call& c, bool cross) {
+  using A = typename AccumOf<T>::type;
+  DeviceSite& ds = *c.ds;
+  const Plan& plan = cross ? c.site->local_plan() : c.site->plan();
+  // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
+  const bool scratch = !std::is_same_v<A, T> && plan.num_stages() > 1;
+  if (scratch) ds.inter.resize(c.desc.count * sizeof(A));
+  return Member{c.device, c.desc, ds.inputs.data(), ds.outputs.data(),
+                scratch ? ds.inter.data() : nullptr, nullptr};
+}
+
+template <typename T>
+ffi::Error FinishLarge(const Call& c, Rendezvous* r, MpiCall* mpi, bool arrived) {
   using A = typename AccumOf<T>::type;
   constexpr bool kSameAcc = std::is_same_v<A, T>;
+  const bool cross = mpi != nullptr;
   DeviceSite& ds = *c.ds;
   const Plan& plan = cross ? c.site->local_plan() : c.site->plan();
   const int64_t rank = cross ? c.rank - MpiLayout().process * MpiLayout().slots : c.rank;
@@ -366,24 +385,14 @@ ffi::Error RunLarge(const Call& c, bool cross) {
   const int64_t ranks = plan.num_ranks();
   const auto& offsets = ds.offsets;
   const int stages = plan.num_stages();
-  // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
   const bool scratch = !kSameAcc && stages > 1;
-  if (scratch) ds.inter.resize(count * sizeof(A));
-  Member me{c.device, c.desc, ds.inputs.data(), ds.outputs.data(),
-            scratch ? ds.inter.data() : nullptr, nullptr};
-
-  std::unique_ptr<MpiCall> mpi;
   Failure error;
-  if (cross) {
-    mpi = std::make_unique<MpiCall>(rank, LabelOf(*c.site), c.deadline);
-    if (!mpi->ok(&error)) return FailWith(error);
+  if (!arrived && r->AwaitAll(rank, c.deadline, c.deadline, &error) != 1) {
+    return LeaveFailed(c, r, rank, &error, false);
   }
-  const auto t0 = Clock::now();
-  Rendezvous* r = Join(c, ranks, &error);
-  if (r == nullptr) return FailWith(error);
-  if (!r->Arrive(rank, me, c.deadline, &error)) return LeaveFailed(c, r, rank, &error, false);
   if (cross) mpi->Watch([r](Failure* f) { return r->Failed(f); });
   StallIfAsked(c);
+  const auto t0 = c.start;
   const auto t1 = Clock::now();
   auto input_view = [&](int64_t q) { return View{r->member(q).inputs, nullptr, sizeof(T)}; };
   auto output_view = [&](int64_t q) { return View{r->member(q).outputs, nullptr, sizeof(T)}; };
@@ -469,6 +478,21 @@ ffi::Error RunLarge(const Call& c, bool cross) {
   k.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
   k.broadcast_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
   return ffi::Error::Success();
+}
+
+// DDL's hierarchy across processes: the local stages, the slot's slice over MPI, then the
+// local outputs.
+template <typename T>
+ffi::Error RunAcross(const Call& c) {
+  const int64_t slot = c.rank - MpiLayout().process * MpiLayout().slots;
+  MpiCall mpi(slot, LabelOf(*c.site), c.deadline);
+  Failure error;
+  if (!mpi.ok(&error)) return FailWith(error);
+  const Member me = PrepareLarge<T>(c, true);
+  Rendezvous* r = Join(c, c.site->local_plan().num_ranks(), &error);
+  if (r == nullptr) return FailWith(error);
+  if (!r->Publish(slot, me, &error)) return LeaveFailed(c, r, slot, &error, false);
+  return FinishLarge<T>(c, r, &mpi, false);
 }
 
 // A plan whose groups span processes (a flat spec over all devices of all processes, or
@@ -668,34 +692,6 @@ ffi::Error RunSpanning(const Call& c) {
   return ffi::Error::Success();
 }
 
-template <typename T>
-ffi::Error RunTyped(const Call& c) {
-  switch (c.site->mode()) {
-    case Mode::kAcross: return RunLarge<T>(c, true);
-    case Mode::kSpanning: return RunSpanning<T>(c);
-    case Mode::kLocal: break;
-  }
-  if (c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.site->small_bytes()) {
-    return RunSmall<T>(c);
-  }
-  return RunLarge<T>(c, false);
-}
-
-ffi::Error Execute(const Call& c) {
-  if (c.fault == FaultKind::kDelay) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(c.fault_ms));
-  }
-  switch (static_cast<ffi::DataType>(c.desc.dtype)) {
-    case ffi::DataType::F32: return RunTyped<float>(c);
-    case ffi::DataType::F64: return RunTyped<double>(c);
-    case ffi::DataType::BF16: return RunTyped<bf16_t>(c);
-    case ffi::DataType::F16: return RunTyped<f16_t>(c);
-    case ffi::DataType::S32: return RunTyped<int32_t>(c);
-    case ffi::DataType::S64: return RunTyped<int64_t>(c);
-    default: return Fail(ffi::ErrorCode::kInternal, "jax_ddl_allreduce: dtype dispatch");
-  }
-}
-
 ffi::Future Ready(ffi::Error error) {
   ffi::Promise promise;
   ffi::Future future(promise);
@@ -705,6 +701,93 @@ ffi::Future Ready(ffi::Error error) {
     promise.SetError(std::move(error));
   }
   return future;
+}
+
+// How long a local call waits on XLA's thread for its peers before handing the wait to
+// one of jax_ddl's threads (JAX_DDL_INLINE_WAIT_US, read once; 0: always hand off). Once
+// every rank has arrived, every rank holds a thread, so finishing inline cannot starve
+// anyone; the bounded wait means a saturated XLA pool is delayed, never deadlocked.
+Clock::duration InlineWait() {
+  static const Clock::duration wait = [] {
+    const char* raw = std::getenv("JAX_DDL_INLINE_WAIT_US");
+    char* end = nullptr;
+    const long us = raw && *raw ? std::strtol(raw, &end, 10) : 300;
+    return std::chrono::microseconds(end && *end ? 300 : std::max(0L, us));
+  }();
+  return wait;
+}
+
+// Runs `fn(c)` on one of jax_ddl's threads; the future completes when it has.
+template <typename Fn>
+ffi::Future Defer(const Call& c, Fn fn) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  RunOnWorker([c, fn, promise]() mutable {
+    ffi::Error result = fn(c);
+    // The next execution of this site (a loop's next iteration) may start as soon as the
+    // promise completes, on this very thread: release the site first.
+    c.ds->busy = false;
+    if (result.success()) {
+      promise.SetAvailable();
+    } else {
+      promise.SetError(std::move(result));
+    }
+  });
+  return future;
+}
+
+ffi::Future Done(const Call& c, ffi::Error result) {
+  c.ds->busy = false;
+  return Ready(std::move(result));
+}
+
+// Starts the call: across processes on a worker from the start (MPI waits are long);
+// inside the process it publishes its buffers, waits briefly for its peers here and
+// finishes here if they came, else hands the rest to a worker.
+template <typename T>
+ffi::Future Start(const Call& c) {
+  switch (c.site->mode()) {
+    case Mode::kAcross: return Defer(c, [](const Call& c) { return RunAcross<T>(c); });
+    case Mode::kSpanning: return Defer(c, [](const Call& c) { return RunSpanning<T>(c); });
+    case Mode::kLocal: break;
+  }
+  const bool small = c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.site->small_bytes();
+  // `arrived`: this rank already saw every rank arrive (and is working).
+  auto finish = [small](const Call& c, Rendezvous* r, bool arrived) {
+    return small ? FinishSmall<T>(c, r, arrived) : FinishLarge<T>(c, r, nullptr, arrived);
+  };
+  if (c.fault == FaultKind::kDelay) {  // test fault: the whole call late, on a worker
+    return Defer(c, [finish, small](const Call& c) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(c.fault_ms));
+      const Member me = small ? PrepareSmall<T>(c) : PrepareLarge<T>(c, false);
+      Failure error;
+      Rendezvous* r = Join(c, c.site->plan().num_ranks(), &error);
+      if (r == nullptr) return FailWith(error);
+      if (!r->Publish(c.rank, me, &error)) return LeaveFailed(c, r, c.rank, &error, false);
+      return finish(c, r, false);
+    });
+  }
+  const Member me = small ? PrepareSmall<T>(c) : PrepareLarge<T>(c, false);
+  Failure error;
+  Rendezvous* r = Join(c, c.site->plan().num_ranks(), &error);
+  if (r == nullptr) return Done(c, FailWith(error));
+  if (!r->Publish(c.rank, me, &error)) return Done(c, LeaveFailed(c, r, c.rank, &error, false));
+  const int arrived = r->AwaitAll(c.rank, Clock::now() + InlineWait(), c.deadline, &error);
+  if (arrived < 0) return Done(c, LeaveFailed(c, r, c.rank, &error, false));
+  if (arrived > 0) return Done(c, finish(c, r, true));
+  return Defer(c, [finish, r](const Call& c) { return finish(c, r, false); });
+}
+
+ffi::Future Dispatch(const Call& c) {
+  switch (static_cast<ffi::DataType>(c.desc.dtype)) {
+    case ffi::DataType::F32: return Start<float>(c);
+    case ffi::DataType::F64: return Start<double>(c);
+    case ffi::DataType::BF16: return Start<bf16_t>(c);
+    case ffi::DataType::F16: return Start<f16_t>(c);
+    case ffi::DataType::S32: return Start<int32_t>(c);
+    case ffi::DataType::S64: return Start<int64_t>(c);
+    default: return Done(c, Fail(ffi::ErrorCode::kInternal, "jax_ddl_allreduce: dtype dispatch"));
+  }
 }
 
 ffi::Error ReadScalar(ffi::AnyBuffer buf, const char* what, int64_t* value) {
@@ -882,20 +965,7 @@ ffi::Future AllreduceCpu(ffi::RunId run_id, int32_t device, Site* site, ffi::Any
   c.start = start;
   c.deadline = Deadline(start, site->timeout_ms());
 
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  RunOnWorker([c, promise]() mutable {
-    ffi::Error result = Execute(c);
-    // The next execution of this site (a loop's next iteration) may start as soon as the
-    // promise completes, on this very thread: release the site first.
-    c.ds->busy = false;
-    if (result.success()) {
-      promise.SetAvailable();
-    } else {
-      promise.SetError(std::move(result));
-    }
-  });
-  return future;
+  return Dispatch(c);
 }
 
 }  // namespace

@@ -56,14 +56,19 @@ void Rendezvous::SetWorking(int64_t rank, bool working) {
   if (working_[rank] == static_cast<char>(working)) return;
   working_[rank] = working;
   num_working_ += working ? 1 : -1;
-  if (!working && num_working_ == 0) cv_.notify_all();
+  // Only a rank quiescing after a failure waits for this; a successful call's barriers
+  // wake their waiters themselves.
+  if (!working && num_working_ == 0 && failed_) cv_.notify_all();
 }
 
-bool Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase,
-                           const char* stage, Clock::time_point deadline, Failure* failure) {
+int Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase,
+                          const char* stage, Clock::time_point deadline, Failure* failure,
+                          Clock::time_point soft_until) {
   while (phase_count_[phase] < size_ && !failed_) {
-    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && phase_count_[phase] < size_ &&
+    const auto until = std::min(deadline, soft_until);
+    if (cv_.wait_until(lock, until) == std::cv_status::timeout && phase_count_[phase] < size_ &&
         !failed_) {
+      if (until < deadline) return 0;
       std::vector<int64_t> never, behind;
       for (int64_t r = 0; r < size_; ++r) {
         if (reached_[r] < 0) never.push_back(r);
@@ -84,15 +89,19 @@ bool Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int
   }
   if (failed_) {
     *failure = failure_;
-    return false;
+    return -1;
   }
   SetWorking(rank, true);
-  return true;
+  return 1;
 }
 
 bool Rendezvous::Arrive(int64_t rank, const Member& me, Clock::time_point deadline,
                         Failure* failure) {
-  std::unique_lock<std::mutex> lock(mu_);
+  return Publish(rank, me, failure) && AwaitAll(rank, deadline, deadline, failure) == 1;
+}
+
+bool Rendezvous::Publish(int64_t rank, const Member& me, Failure* failure) {
+  std::lock_guard<std::mutex> lock(mu_);
   if (failed_) {
     *failure = failure_;
     return false;
@@ -111,7 +120,14 @@ bool Rendezvous::Arrive(int64_t rank, const Member& me, Clock::time_point deadli
   members_[rank] = me;
   reached_[rank] = 0;
   if (++phase_count_[0] == size_) cv_.notify_all();
-  if (!WaitPhase(lock, rank, 0, "arrive", deadline, failure)) return false;
+  return true;
+}
+
+int Rendezvous::AwaitAll(int64_t rank, Clock::time_point soft_until, Clock::time_point deadline,
+                         Failure* failure) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const int status = WaitPhase(lock, rank, 0, "arrive", deadline, failure, soft_until);
+  if (status <= 0) return status;
   const Descriptor& ref = members_[0].desc;
   for (int64_t r = 1; r < size_; ++r) {
     if (!(members_[r].desc == ref)) {
@@ -127,10 +143,10 @@ bool Rendezvous::Arrive(int64_t rank, const Member& me, Clock::time_point deadli
         cv_.notify_all();
       }
       *failure = failure_;
-      return false;
+      return -1;
     }
   }
-  return true;
+  return 1;
 }
 
 bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
@@ -144,7 +160,7 @@ bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time
   }
   reached_[rank] = phase;
   if (++phase_count_[phase] == size_) cv_.notify_all();
-  return WaitPhase(lock, rank, phase, stage, deadline, failure);
+  return WaitPhase(lock, rank, phase, stage, deadline, failure) == 1;
 }
 
 void Rendezvous::Pause(int64_t rank) {

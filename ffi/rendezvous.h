@@ -69,6 +69,12 @@ class Rendezvous {
   // a rank claimed twice, or descriptors that disagree; every rank sees the same error.
   // On success the rank is working (it may touch its peers' buffers).
   bool Arrive(int64_t rank, const Member& me, Clock::time_point deadline, Failure* failure);
+  // Arrive in two steps: publish (fails if the rendezvous failed or the rank is claimed)...
+  bool Publish(int64_t rank, const Member& me, Failure* failure);
+  // ...then wait for all ranks: 1 when all arrived (and agree), -1 on failure, 0 when
+  // `soft_until` passed first (no failure; wait again later, the rank stays published).
+  int AwaitAll(int64_t rank, Clock::time_point soft_until, Clock::time_point deadline,
+               Failure* failure);
   // Barrier `phase` (>= 1) among all ranks, bounded by `deadline`; `stage` names it in
   // errors. The rank stops working when it arrives and works again once all are through.
   bool Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
@@ -86,8 +92,11 @@ class Rendezvous {
  private:
   friend class Registry;
   void Reset(const RendezvousKey& key, int64_t size, const std::string& context);
-  bool WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase, const char* stage,
-                 Clock::time_point deadline, Failure* failure);
+  // 1: everyone reached `phase`; -1: failed (at `deadline`, or by another rank); 0:
+  // `soft_until` came first.
+  int WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase, const char* stage,
+                Clock::time_point deadline, Failure* failure,
+                Clock::time_point soft_until = Clock::time_point::max());
   void SetWorking(int64_t rank, bool working);
   // After a failure: waits (bounded) until no rank works on peers' buffers any more;
   // false if some still do at `until`.

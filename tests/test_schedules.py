@@ -9,6 +9,10 @@ tangent of a jvp, loop bodies, branches, remat, and random programs mixing all o
 """
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +68,37 @@ def test_more_concurrent_calls_than_xla_has_threads():
     for _ in range(5):
         for k, o in enumerate(f(x)):
             np.testing.assert_array_equal(np.asarray(o), (xs + k).sum(0))
+
+
+@pytest.mark.parametrize("wait_us", ["0", "1000000"], ids=["always-handed-off", "always-inline"])
+def test_calls_handed_to_jax_ddl_threads_or_finished_inline_agree(wait_us):
+    """JAX_DDL_INLINE_WAIT_US=0 hands every call to jax_ddl's threads; a long wait
+    finishes every call on XLA's thread once its peers are there. Both pair and reduce
+    correctly, also with more concurrent calls than XLA has threads."""
+    program = textwrap.dedent(
+        """
+        import numpy as np, jax, jax.numpy as jnp
+        from jax.sharding import Mesh, PartitionSpec as P
+        import jax_ddl
+        mesh = Mesh(np.array(jax.devices()), ("i",))
+        inner = jax.jit(lambda y: jax_ddl.psum(y, "i"))
+        calls = lambda v: tuple(jax_ddl.psum(v + k, "i") for k in range(12))
+        body = lambda v: calls(v) + (inner(v), inner(2 * v))
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("i"), out_specs=P()))
+        x = jnp.arange(8 * 30000.0) % 13
+        xs = np.asarray(x).reshape(8, -1)
+        want = [(xs + k).sum(0) for k in range(12)] + [xs.sum(0), 2 * xs.sum(0)]
+        for _ in range(5):
+            for got, exp in zip(f(x), want):
+                assert np.array_equal(np.asarray(got), exp)
+        print("exact")
+        """
+    )
+    env = {**os.environ, "JAX_DDL_INLINE_WAIT_US": wait_us, "JAX_DDL_TIMEOUT": "60"}
+    r = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0 and "exact" in r.stdout, r.stderr[-3000:]
 
 
 def test_one_jitted_function_called_several_times():
