@@ -221,9 +221,10 @@ def _program(calls, impl):
         for k, (d, size, op, wrap, chained) in enumerate(calls):
             dtype = DTYPES[d]
             y = (v[:size] * (k + 1) % 9 - 4).astype(dtype)
-            if chained and prev is not None:
-                base = prev.astype(jnp.float32)[: min(size, prev.shape[0])]
-                y = y.at[: base.shape[0]].add((base % 3).astype(dtype))
+            if chained and prev is not None:  # depends on the previous call's result
+                # Through a scalar: jax 0.11's Shardy pass segfaults compiling a scatter
+                # (y.at[...].add) of a reduced value here, with jax.lax as with jax_ddl.
+                y = y + (jnp.sum(prev.astype(jnp.float32)) % 3).astype(dtype)
             prev = reduce(y, op, wrap)
             outs.append(prev)
         return tuple(outs)
@@ -239,8 +240,7 @@ def _model(calls, x):
     for k, (d, size, op, wrap, chained) in enumerate(calls):
         y = rows[:, :size] * (k + 1) % 9 - 4
         if chained and prev is not None:
-            m = min(size, prev.shape[1])
-            y[:, :m] += prev[:, :m] % 3
+            y += prev.sum(axis=1, keepdims=True) % 3
         reduce = lambda a, op=op: np.broadcast_to(red[op](a, axis=0), a.shape).copy()
         if wrap == "scan":
             for _ in range(2):
