@@ -1,8 +1,9 @@
 // jax_ddl_allreduce on CPU: DDL's multi-dimensional allreduce over the devices of one
 // process through shared memory, and across processes over MPI. Each device thread reads
 // its peers' buffers directly, reduces the slice it owns at each stage and writes each
-// final slice into every output. The handler returns an FFI future at once; the call runs
-// on one of jax_ddl's threads (executor.h), so XLA's threads never wait for a peer.
+// final slice into every output. The handler returns an FFI future: a call finishes on
+// XLA's thread if its peers arrive within a short wait, else on one of jax_ddl's threads
+// (executor.h), so XLA's threads never wait long for a peer.
 #include "cpu_handler.h"
 
 #include <algorithm>
@@ -403,7 +404,8 @@ ffi::Error FinishLarge(const Call& c, Rendezvous* r, MpiCall* mpi, bool arrived)
   A* buf = nullptr;
   if (cross) {
     ds.mpi.resize(3);
-    buf = reinterpret_cast<A*>(FrameArea(&ds.mpi[0], std::max<int64_t>(1, mine.size()) * sizeof(A)));
+    const int64_t slice_bytes = std::max<int64_t>(1, mine.size()) * sizeof(A);
+    buf = reinterpret_cast<A*>(FrameArea(&ds.mpi[0], slice_bytes));
   }
   // Writes `len` elements from `src` (accumulator or T) into every rank's output at `begin`.
   auto broadcast = [&](int64_t seg, int64_t begin, int64_t len, const char* const* srcs,
@@ -717,12 +719,13 @@ Clock::duration InlineWait() {
   return wait;
 }
 
-// Runs `fn(c)` on one of jax_ddl's threads; the future completes when it has.
+// Runs `fn(c)` on one of jax_ddl's threads; the future completes when it has. `joined`:
+// the rendezvous this rank already published in (failed for all if no thread starts).
 template <typename Fn>
-ffi::Future Defer(const Call& c, Fn fn) {
+ffi::Future Defer(const Call& c, Fn fn, Rendezvous* joined = nullptr) {
   ffi::Promise promise;
   ffi::Future future(promise);
-  RunOnWorker([c, fn, promise]() mutable {
+  const bool started = RunOnWorker([c, fn, promise]() mutable {
     ffi::Error result = fn(c);
     // The next execution of this site (a loop's next iteration) may start as soon as the
     // promise completes, on this very thread: release the site first.
@@ -733,6 +736,14 @@ ffi::Future Defer(const Call& c, Fn fn) {
       promise.SetError(std::move(result));
     }
   });
+  if (!started) {
+    Failure failure{false, false,
+                    c.site->context() + ": could not start a thread for this call (rank " +
+                        std::to_string(c.rank) + ")"};
+    if (joined != nullptr) Registry::Get().Fail(joined, c.rank, &failure, QuiesceUntil(c));
+    c.ds->busy = false;
+    promise.SetError(FailWith(failure));
+  }
   return future;
 }
 
@@ -775,7 +786,7 @@ ffi::Future Start(const Call& c) {
   const int arrived = r->AwaitAll(c.rank, Clock::now() + InlineWait(), c.deadline, &error);
   if (arrived < 0) return Done(c, LeaveFailed(c, r, c.rank, &error, false));
   if (arrived > 0) return Done(c, finish(c, r, true));
-  return Defer(c, [finish, r](const Call& c) { return finish(c, r, false); });
+  return Defer(c, [finish, r](const Call& c) { return finish(c, r, false); }, r);
 }
 
 ffi::Future Dispatch(const Call& c) {
@@ -827,9 +838,11 @@ ffi::ErrorOr<std::unique_ptr<Site>> InstantiateCpu(int32_t op, ffi::Span<const i
   SiteIdentity id;
   id.module = module;
   id.site = site;
-  id.copy = NextCopy(module, site);
   id.module_name = std::string(name);
   id.module_hash = Fnv(name);
+  // Lowered modules are told apart by name and number (the n-th of that name).
+  const uint64_t lowered = id.module_hash ^ (static_cast<uint64_t>(module) * 0x9e3779b97f4a7c15ull);
+  id.copy = NextCopy(static_cast<int64_t>(lowered), site);
   return std::make_unique<Site>(std::move(id), static_cast<Op>(op), std::move(grid), timeout_ms,
                                 small_bytes);
 }
@@ -961,7 +974,7 @@ ffi::Future AllreduceCpu(ffi::RunId run_id, int32_t device, Site* site, ffi::Any
   c.rank = rank;
   c.op = site->op();
   c.desc = desc;
-  c.key = RendezvousKey{run_id.run_id, reinterpret_cast<int64_t>(site), group, ds.occurrence++};
+  c.key = RendezvousKey{run_id.run_id, site->serial(), group, ds.occurrence++};
   c.start = start;
   c.deadline = Deadline(start, site->timeout_ms());
 
@@ -976,17 +989,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpuInstantiate, InstantiateCpu,
                                   .Attr<ffi::Span<const int64_t>>("dims")  // topology grid
                                   .Attr<int64_t>("timeout_ms")   // deadline of the call; < 0: none
                                   .Attr<int64_t>("small_bytes")  // one-shot path at or below this
-                                  .Attr<int64_t>("module")    // lowering nonce of the module
+                                  .Attr<int64_t>("module")    // n-th lowered module of this name
                                   .Attr<int64_t>("site")      // ordinal of the call in the module
                                   .Attr<std::string_view>("name"));  // the module's name
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpu, AllreduceCpu,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::RunId>()          // same on all devices of one execution
+                                  .Ctx<ffi::RunId>()  // same on all devices of one execution
                                   .Ctx<ffi::DeviceOrdinal>()  // local device: keys per-device state
                                   .Ctx<ffi::State<Site>>()    // this instruction's call site
                                   .Arg<ffi::AnyBuffer>()      // rank in the reduced axes (int32)
-                                  .Arg<ffi::AnyBuffer>()      // group: index over the other axes (int32)
+                                  .Arg<ffi::AnyBuffer>()      // group: index over other axes (int32)
                                   .RemainingArgs()            // the buffers to reduce, one dtype
                                   .RemainingRets());          // results, may alias the buffers
 

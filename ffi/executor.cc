@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -16,17 +17,32 @@ constexpr int64_t kKeepIdle = 4;
 
 class Pool {
  public:
-  void Submit(std::function<void()> task) {
+  bool Submit(std::function<void()> task) {
     std::unique_lock<std::mutex> lock(mu_);
-    tasks_.push_back(std::move(task));
+    const uint64_t id = next_id_++;
+    tasks_.push_back(Task{id, std::move(task)});
     // Each idle worker takes one task when it wakes; spawn when there are not enough.
     if (idle_ >= static_cast<int64_t>(tasks_.size())) {
       cv_.notify_one();
-      return;
+      return true;
     }
     ++threads_;
     lock.unlock();
-    std::thread([this] { Work(); }).detach();
+    try {
+      std::thread([this] { Work(); }).detach();
+      return true;
+    } catch (const std::system_error&) {
+      // Out of threads: take the task back unless a worker already has it.
+      lock.lock();
+      --threads_;
+      for (auto it = tasks_.begin(); it != tasks_.end(); ++it) {
+        if (it->id == id) {
+          tasks_.erase(it);
+          return false;
+        }
+      }
+      return true;
+    }
   }
 
   int64_t threads() {
@@ -47,7 +63,7 @@ class Pool {
           return;
         }
       }
-      std::function<void()> task = std::move(tasks_.front());
+      std::function<void()> task = std::move(tasks_.front().run);
       tasks_.pop_front();
       lock.unlock();
       task();
@@ -56,9 +72,14 @@ class Pool {
     }
   }
 
+  struct Task {
+    uint64_t id;
+    std::function<void()> run;
+  };
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> tasks_;
+  std::deque<Task> tasks_;
+  uint64_t next_id_ = 0;
   int64_t idle_ = 0;
   int64_t threads_ = 0;
 };
@@ -70,7 +91,7 @@ Pool& GetPool() {
 
 }  // namespace
 
-void RunOnWorker(std::function<void()> task) { GetPool().Submit(std::move(task)); }
+bool RunOnWorker(std::function<void()> task) { return GetPool().Submit(std::move(task)); }
 
 int64_t WorkerThreads() { return GetPool().threads(); }
 

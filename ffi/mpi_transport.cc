@@ -30,7 +30,7 @@ namespace {
 constexpr uint32_t kMagic = 0x4a444432;  // "JDD2"
 
 ProcessLayout g_layout;
-bool g_attached = false;
+std::atomic<bool> g_attached{false};  // set (release) after everything above is in place
 
 std::string Join(const std::vector<int64_t>& v) {
   std::string s = "[";
@@ -148,11 +148,59 @@ struct Book {
   std::mutex mu;
   std::map<std::pair<int64_t, int>, CallLabel> tags;
   std::map<std::tuple<int64_t, uint64_t, int64_t, int64_t>, int64_t> seqs;
-  std::map<std::tuple<int64_t, int64_t, int>, WireHeader> stash;
+  std::map<std::tuple<int64_t, int64_t, int>, std::deque<WireHeader>> stash;
 };
+constexpr size_t kStashPerStream = 16;  // headers kept per (slot, process, tag)
+
 Book& GetBook() {
   static Book* book = new Book();
   return *book;
+}
+
+void Stash(int64_t slot, int64_t process, int site_tag, const WireHeader& h) {
+  Book& book = GetBook();
+  std::lock_guard<std::mutex> lock(book.mu);
+  auto& kept = book.stash[{slot, process, site_tag}];
+  kept.push_back(h);
+  if (kept.size() > kStashPerStream) kept.pop_front();
+}
+
+// The stashed header of `label` from `process` with the lowest attempt, removing it and
+// any older attempts of that label; headers of other calls stay.
+bool Unstash(int64_t slot, int64_t process, int site_tag, const CallLabel& label, int64_t seq,
+             WireHeader* out) {
+  Book& book = GetBook();
+  std::lock_guard<std::mutex> lock(book.mu);
+  auto it = book.stash.find({slot, process, site_tag});
+  if (it == book.stash.end()) return false;
+  auto& kept = it->second;
+  bool found = false;
+  for (auto h = kept.begin(); h != kept.end();) {
+    if (!SameLabel(*h, label)) {
+      ++h;
+      continue;
+    }
+    if (h->seq < seq) {  // an attempt this process has passed: late, drop it
+      h = kept.erase(h);
+      GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    if (!found || h->seq < out->seq) {
+      *out = *h;
+      found = true;
+    }
+    ++h;
+  }
+  if (found) {
+    for (auto h = kept.begin(); h != kept.end(); ++h) {
+      if (SameLabel(*h, label) && h->seq == out->seq) {
+        kept.erase(h);
+        break;
+      }
+    }
+  }
+  if (kept.empty()) book.stash.erase(it);
+  return found;
 }
 
 // Requests of failed calls that MPI could not cancel, with everything they touch.
@@ -193,12 +241,12 @@ void SweepGraves() {
 }  // namespace
 
 bool MpiCompiledIn() { return JAX_DDL_HAVE_MPI != 0; }
-bool MpiAttached() { return g_attached; }
+bool MpiAttached() { return g_attached.load(std::memory_order_acquire); }
 const ProcessLayout& MpiLayout() { return g_layout; }
 
 int64_t MpiAbandonedRequests() {
 #if JAX_DDL_HAVE_MPI
-  if (g_attached) SweepGraves();
+  if (MpiAttached()) SweepGraves();
   return g_abandoned.load();
 #else
   return 0;
@@ -208,6 +256,10 @@ int64_t MpiAbandonedRequests() {
 bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_t processes,
                std::string* error) {
 #if JAX_DDL_HAVE_MPI
+  if (MpiAttached()) {  // calls in flight use the communicators: never swap them
+    *error = "jax_ddl's MPI transport is already attached in this process";
+    return false;
+  }
   void* lib = dlopen("libmpi.so.12", RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);
   if (lib == nullptr) {
     *error = "no MPICH-ABI MPI library (libmpi.so.12) is loaded in this process; import "
@@ -253,7 +305,7 @@ bool MpiAttach(const std::vector<int64_t>& comm_handles, int64_t process, int64_
   for (int64_t h : comm_handles) g_comms.push_back(static_cast<MPI_Comm>(h));
   g_api = api;
   g_layout = ProcessLayout{process, processes, static_cast<int64_t>(comm_handles.size())};
-  g_attached = true;
+  g_attached.store(true, std::memory_order_release);
   return true;
 #else
   *error = "this build of jax_ddl has no MPI transport (no MPI headers were found when it "
@@ -306,7 +358,7 @@ MpiCall::MpiCall(int64_t slot, const CallLabel& label, Clock::time_point deadlin
   m.label = label;
   m.site_tag = SiteTag(label);
   m.deadline = deadline;
-  if (!g_attached || slot < 0 || slot >= static_cast<int64_t>(g_comms.size())) {
+  if (!MpiAttached() || slot < 0 || slot >= static_cast<int64_t>(g_comms.size())) {
     m.error = "no MPI communicator for local slot " + std::to_string(slot);
     return;
   }
@@ -450,8 +502,10 @@ bool MpiCall::Wait(const char* stage, Failure* failure) {
       WireHeader h;
       std::memcpy(&h, r.frame, sizeof(h));
       const bool ours = got >= static_cast<int>(sizeof(WireHeader)) || truncated;
-      if (ours && h.magic == kMagic && SameLabel(h, m.label) && h.seq < seq_) {
-        // A late frame of a call this process gave up on: drop it, wait for ours.
+      if (ours && h.magic == kMagic && (!SameLabel(h, m.label) || h.seq < seq_)) {
+        // A late frame of a call this process gave up on (a frame is sent only after
+        // both ends agreed in a handshake, so another call's frame on this stream is
+        // late too): drop it, wait for ours.
         GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
         m.Post(r, slot_);
         if (!m.post_error.empty()) {
@@ -467,10 +521,9 @@ bool MpiCall::Wait(const char* stage, Failure* failure) {
         std::string what;
         if (!ours || h.magic != kMagic) {
           what = "a message that is not a jax_ddl frame";
-        } else if (!SameLabel(h, m.label) || h.seq != seq_) {
-          what = "a frame of another call (call " + std::to_string(h.site) + ", attempt " +
-                 std::to_string(h.seq) + "; this is call " + std::to_string(m.label.site) +
-                 ", attempt " + std::to_string(seq_) + ")";
+        } else if (h.seq != seq_) {
+          what = "a frame of a later attempt of this call (attempt " + std::to_string(h.seq) +
+                 "; this process is at attempt " + std::to_string(seq_) + ")";
         } else {
           what = std::string("a ") + (truncated ? "longer" : "frame of " + std::to_string(got)) +
                  " byte" + (truncated ? " frame" : "s") + " where " + std::to_string(want) +
@@ -532,31 +585,32 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
   const int tag = Tag(m.site_tag, kHandshake, slot_);
   failure->deadline = false;
 
-  // What to do with a header from `q`: 1 = it is this call's, 0 = a late one (drop it and
-  // keep waiting), -1 = this call cannot succeed (*failure says why).
+  // Processes seen at another call, for the message if this one times out.
+  std::vector<std::string> elsewhere;
+  auto name_of = [](const WireHeader& h) {
+    return "call " + std::to_string(h.site) + " of " +
+           std::string(h.module_name, strnlen(h.module_name, sizeof(h.module_name)));
+  };
+  // What to do with a header from `q`: 1 = it is this call's, 0 = not this call's (a late
+  // one is dropped, another call's kept for that call; keep waiting), -1 = this call
+  // cannot succeed (*failure says why).
   auto classify = [&](const WireHeader& h, int64_t q) -> int {
     const std::string who = "process " + std::to_string(q);
     if (h.magic != kMagic) {
       failure->message = who + " sent a message that is not a jax_ddl handshake";
       return -1;
     }
-    Book& book = GetBook();
-    if (!SameLabel(h, m.label) || h.seq > seq_) {
-      {
-        std::lock_guard<std::mutex> lock(book.mu);
-        book.stash[{slot_, q, m.site_tag}] = h;  // for the call it belongs to
-      }
-      if (!SameLabel(h, m.label)) {
-        failure->message = who + " is at another jax_ddl call (call " + std::to_string(h.site) +
-                           " of " + std::string(h.module_name, strnlen(h.module_name, 64)) +
-                           ") where this process runs " + describe(mine) +
-                           "; every process must run the same program";
-      } else {
-        failure->message = who + " has already given up on " + describe(mine) +
-                           " (it is at attempt " + std::to_string(h.seq) +
-                           " of this call site, this process at attempt " +
-                           std::to_string(seq_) + "), after a timeout or a failure there";
-      }
+    if (!SameLabel(h, m.label)) {
+      Stash(slot_, q, m.site_tag, h);
+      elsewhere.push_back(who + " sent the handshake of " + name_of(h));
+      return 0;
+    }
+    if (h.seq > seq_) {
+      Stash(slot_, q, m.site_tag, h);  // for the attempt it belongs to
+      failure->message = who + " has already given up on " + describe(mine) +
+                         " (it is at attempt " + std::to_string(h.seq) +
+                         " of this call site, this process at attempt " +
+                         std::to_string(seq_) + "), after a timeout or a failure there";
       return -1;
     }
     if (h.seq < seq_) {
@@ -575,6 +629,13 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
       MPI_Status st;
       g_api.iprobe(static_cast<int>(q), tag, comm, &flag, &st);
       if (!flag) return 1;
+      int bytes = 0;
+      g_api.get_count(&st, MPI_BYTE, &bytes);
+      if (bytes != static_cast<int>(kFrameHeader)) {
+        failure->message = who + " sent a handshake of " + std::to_string(bytes) +
+                           " bytes where " + std::to_string(kFrameHeader) + " were expected";
+        return -1;
+      }
       WireHeader next;
       std::vector<char> buf(kFrameHeader);
       if (g_api.recv(buf.data(), static_cast<int>(kFrameHeader), MPI_BYTE, static_cast<int>(q),
@@ -583,11 +644,13 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
         return -1;
       }
       std::memcpy(&next, buf.data(), sizeof(next));
-      if (next.magic == kMagic && SameLabel(next, m.label) && next.seq > seq_) {
-        std::lock_guard<std::mutex> lock(book.mu);
-        book.stash[{slot_, q, m.site_tag}] = next;
-        failure->message = who + " gave up on " + describe(mine) + " while answering it";
-        return -1;
+      if (next.magic == kMagic && (!SameLabel(next, m.label) || next.seq > seq_)) {
+        Stash(slot_, q, m.site_tag, next);  // another call's, or a later attempt's
+        if (SameLabel(next, m.label)) {
+          failure->message = who + " gave up on " + describe(mine) + " while answering it";
+          return -1;
+        }
+        continue;
       }
       GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
     }
@@ -607,19 +670,10 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
   }
   for (size_t i = 0; i < peers.size(); ++i) {
     WireHeader stashed;
-    bool have = false;
-    {
-      Book& book = GetBook();
-      std::lock_guard<std::mutex> lock(book.mu);
-      auto it = book.stash.find({slot_, peers[i], m.site_tag});
-      if (it != book.stash.end()) {
-        stashed = it->second;
-        book.stash.erase(it);
-        have = true;
-      }
-    }
     int verdict = 0;
-    if (have) verdict = classify(stashed, peers[i]);
+    if (Unstash(slot_, peers[i], m.site_tag, m.label, seq_, &stashed)) {
+      verdict = classify(stashed, peers[i]);
+    }
     if (verdict < 0) return false;
     if (verdict == 1) {
       state[i] = 1;
@@ -665,17 +719,36 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
     for (size_t i = 0; i < peers.size(); ++i) {
       if (state[i]) continue;
       int flag = 0;
-      const int rc = g_api.test(&recvs[i].req, &flag, MPI_STATUS_IGNORE);
+      MPI_Status status;
+      const int rc = g_api.test(&recvs[i].req, &flag, &status);
       if (rc != MPI_SUCCESS) {
+        int cls = 0;
+        g_api.error_class(rc, &cls);
+        recvs[i].req = MPI_REQUEST_NULL;
+        recvs[i].done = true;
+        if (cls == MPI_ERR_TRUNCATE) {
+          failure->message = "process " + std::to_string(peers[i]) +
+                             " sent a handshake longer than the " +
+                             std::to_string(kFrameHeader) + " bytes expected";
+          return give_up();
+        }
         failure->message = "MPI error during the cross-process handshake with process " +
                            std::to_string(peers[i]) + ": " + MpiErrorText(rc);
         Poison(failure->message);
-        recvs[i].req = MPI_REQUEST_NULL;
         return give_up();
       }
       if (!flag) continue;
       progressed = true;
       recvs[i].req = MPI_REQUEST_NULL;
+      int bytes = 0;
+      g_api.get_count(&status, MPI_BYTE, &bytes);
+      if (bytes != static_cast<int>(kFrameHeader)) {
+        recvs[i].done = true;
+        failure->message = "process " + std::to_string(peers[i]) + " sent a handshake of " +
+                           std::to_string(bytes) + " bytes where " +
+                           std::to_string(kFrameHeader) + " were expected";
+        return give_up();
+      }
       WireHeader h;
       std::memcpy(&h, recvs[i].frame, sizeof(h));
       const int verdict = classify(h, peers[i]);
@@ -701,6 +774,11 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
       failure->deadline = true;
       failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
                          ") never arrived at the cross-process handshake of " + describe(mine);
+      if (!elsewhere.empty()) {
+        failure->message += " (" + elsewhere.back() +
+                            " meanwhile: every process must run the same programs in the "
+                            "same order)";
+      }
       return give_up();
     }
     if (progressed) {

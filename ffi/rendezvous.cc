@@ -154,8 +154,14 @@ bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time
   std::unique_lock<std::mutex> lock(mu_);
   SetWorking(rank, false);
   if (phase >= kMaxPhases) {
-    failure->message = context_ + ": the topology has more stages than the engine supports (" +
-                       std::to_string(kMaxPhases - 1) + ")";
+    if (!failed_) {  // every rank gets here: fail them all at once
+      failed_ = true;
+      failure_.deadline = false;
+      failure_.message = context_ + ": the topology has more stages than the engine supports (" +
+                         std::to_string(kMaxPhases - 1) + ")";
+      cv_.notify_all();
+    }
+    *failure = failure_;
     return false;
   }
   reached_[rank] = phase;

@@ -49,7 +49,7 @@ struct Member {
 };
 
 struct RendezvousKey {
-  int64_t run_id, site, group, occurrence;  // site: the call site's state, by address
+  int64_t run_id, site, group, occurrence;  // site: the call site's serial number
   bool operator==(const RendezvousKey& o) const {
     return run_id == o.run_id && site == o.site && group == o.group &&
            occurrence == o.occurrence;

@@ -10,6 +10,7 @@
 namespace jax_ddl {
 namespace {
 std::atomic<int64_t> g_live_sites{0};
+std::atomic<int64_t> g_next_serial{1};
 }  // namespace
 
 xla::ffi::TypeId Site::id = {};
@@ -17,6 +18,7 @@ xla::ffi::TypeId Site::id = {};
 Site::Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
            int64_t small_bytes)
     : identity_(std::move(identity)),
+      serial_(g_next_serial.fetch_add(1, std::memory_order_relaxed)),
       op_(op),
       dims_(std::move(dims)),
       timeout_ms_(timeout_ms),

@@ -20,7 +20,7 @@ namespace jax_ddl {
 
 // Which call this is, in terms every process derives from the program alone.
 struct SiteIdentity {
-  int64_t module = 0;        // lowering nonce: tells this process's lowered modules apart
+  int64_t module = 0;        // which lowered module of this name (0, 1, ...) in this process
   int64_t site = 0;          // ordinal of the call in its module's lowering (1, 2, ...)
   int64_t copy = 0;          // instance of a call lowered once and inlined several times
   uint64_t module_hash = 0;  // of the module's name
@@ -67,6 +67,9 @@ class Site {
   Site& operator=(const Site&) = delete;
 
   const SiteIdentity& identity() const { return identity_; }
+  // Unique among every site this process ever created (keys its rendezvous: an address
+  // could be reused by a later site).
+  int64_t serial() const { return serial_; }
   Op op() const { return op_; }
   const std::vector<int64_t>& dims() const { return dims_; }
   int64_t timeout_ms() const { return timeout_ms_; }  // < 0: no limit
@@ -86,6 +89,7 @@ class Site {
 
  private:
   SiteIdentity identity_;
+  int64_t serial_;
   Op op_;
   std::vector<int64_t> dims_;
   int64_t timeout_ms_;
@@ -102,8 +106,8 @@ class Site {
 // The instance ordinal of a call lowered once but compiled into several instructions
 // (a jitted function called twice): XLA instantiates a program's instructions on the
 // compiling thread, in an order fixed by the program, so counting instantiations of
-// (module, site) while the thread stays on one module numbers the copies the same way
-// in every process.
+// (module, site) while the thread stays on one lowered module (`module`: its name and
+// number) numbers the copies the same way in every process.
 int64_t NextCopy(int64_t module, int64_t site);
 
 // "3 s", "0.5 s", "no limit".

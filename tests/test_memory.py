@@ -55,19 +55,25 @@ def test_dropped_functions_free_their_call_sites():
 
 
 def test_soak_of_one_function_keeps_memory_and_threads_flat():
-    """10,000 calls of one function: resident memory and jax_ddl's threads stay flat."""
+    """10,000 calls of a small-message function and 2,000 of a large-message one:
+    resident memory and jax_ddl's threads stay flat."""
     mesh = mesh_of((8,), ("i",))
     f = jax.jit(
         jax.shard_map(lambda v: jax_ddl.psum(v, "i"), mesh=mesh, in_specs=P("i"), out_specs=P())
     )
-    x = jnp.ones((8, 4096), jnp.float32)
-    for _ in range(1000):
-        out = f(x)
-    jax.block_until_ready(out)
+    small = jnp.ones((8, 1024), jnp.float32)  # 4 KiB per device: the one-barrier path
+    large = jnp.ones((8, 65536), jnp.float32)  # 256 KiB: the staged path
+    for x in (small, large):
+        for _ in range(500):
+            out = f(x)
+        jax.block_until_ready(out)
     before, threads = _rss_mb(), _ddl.resources()["worker_threads"]
-    for _ in range(10_000):
-        out = f(x)
-    np.testing.assert_array_equal(np.asarray(out)[:4], 8.0)
+    for x, calls in ((small, 10_000), (large, 2_000)):
+        for i in range(calls):
+            out = f(x)
+            if i % 100 == 0:  # never more than 100 programs queued (see README)
+                jax.block_until_ready(out)
+        np.testing.assert_array_equal(np.asarray(out)[:4], 8.0)
     after = _rss_mb()
     assert after - before < 20, (before, after)  # measured: +0 MB
     assert _ddl.resources()["worker_threads"] <= max(threads, 16)

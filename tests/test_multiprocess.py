@@ -305,9 +305,9 @@ def test_a_missing_or_different_process_fails_the_others_within_the_deadline(mod
         assert timeout_s - 0.5 <= seconds <= timeout_s + 5
 
 
-def _recovery(mode, env=None):
+def _recovery(mode, env=None, output=None):
     """Runs tests/mpi_programs/recovery.py in `mode` with 2 processes x 2 devices; returns
-    {(rank, label): (verdict, seconds, message)}."""
+    {(rank, label): (verdict, seconds, message)} (and appends the output to `output`)."""
     r = run_mpi(
         2,
         ROOT / "tests" / "mpi_programs" / "recovery.py",
@@ -331,17 +331,25 @@ def _recovery(mode, env=None):
     assert sorted(re.findall(r"DONE (\d)", r.stdout)) == ["0", "1"], (
         r.stdout[-3000:] + r.stderr[-3000:]
     )
+    if output is not None:
+        output.append(r.stdout)
     return calls
 
 
 def test_call_identity_does_not_depend_on_what_a_process_lowered_before():
     """Process 0 lowers, prints and compiles other jax_ddl functions first; then both run
-    one program of 4 independent same-shape calls and a jitted function called twice,
-    5 times, hierarchically and with the flat spec: every result exact. Also: the process
-    survives the launcher's SIGUSR1, its child processes start with the default action."""
-    calls = _recovery("identity")
+    one program of 4 independent same-shape calls, a jitted function called twice and a
+    jax.lax.psum, 5 times, hierarchically and with the flat spec: every result exact, and
+    the program's lowered text the same in both processes. Also: the process survives the
+    launcher's SIGUSR1, its child processes start with the default action."""
+    output = []
+    calls = _recovery("identity", output=output)
     assert len(calls) == 2 * (2 * 5 + 1)
     assert {v[0] for v in calls.values()} == {"ok"}, calls
+    hashes = re.findall(r"HLO (\d) (\S+) ([0-9a-f]+)", output[0])
+    assert len(hashes) == 4
+    for topo in ("default", "4"):
+        assert len({h for _, t, h in hashes if t == topo}) == 1, hashes
 
 
 def test_a_program_that_starts_jax_distributed_itself_gets_the_transport():

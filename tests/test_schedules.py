@@ -262,7 +262,7 @@ def _run_random(calls, impl_ref):
         want = [np.asarray(o, np.float64) for o in _spmd(_program(calls, "lax"), specs)(x)]
     else:
         want = _model(calls, x)
-    for _ in range(4):
+    for _ in range(8):
         for k, (got, exp) in enumerate(zip(ddl(x), want)):
             np.testing.assert_array_equal(
                 np.asarray(got, np.float64), exp, err_msg=f"call {k}: {calls[k]}"
@@ -270,7 +270,7 @@ def _run_random(calls, impl_ref):
 
 
 _random = settings(
-    max_examples=10,
+    max_examples=12,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -102,10 +102,16 @@ if mode == "identity":
 
         def body(v, topo=topo):
             calls = [jax_ddl.psum(v * (k + 1) + k, "i", topology=topo) for k in range(4)]
-            return (*calls, inner(v * 2), inner(v * 3))
+            # jax.lax's own collective (gloo) in the same program.
+            return (*calls, inner(v * 2), inner(v * 3), jax.lax.psum(v * 5, "i"))
 
         f = spmd(body)
-        want = [total * (k + 1) + n * k for k in range(4)] + [2 * total, 3 * total]
+        want = [total * (k + 1) + n * k for k in range(4)] + [2 * total, 3 * total, 5 * total]
+        # The program's text does not depend on what else the process lowered before.
+        import hashlib
+
+        text = f.lower(x).as_text()
+        print(f"HLO {rank} {topo or 'default'} {hashlib.sha256(text.encode()).hexdigest()[:16]}")
         for it in range(5):
             report(f"{topo or 'default'}-{it}", lambda f=f: f(x), want)
 

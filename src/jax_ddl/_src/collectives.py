@@ -487,8 +487,9 @@ def counters() -> dict:
       traced: dtypes jax_ddl does not reduce, or axis_index_groups), and seconds summed
       over device threads: `arrive_s` (waiting for all ranks), `reduce_scatter_s` (every
       stage but the last, with its barrier), `broadcast_s` (the last stage: reduce and
-      write into every rank's output, then the exit barrier) and `small_s` (the one-shot
-      small-message path's reduction).
+      write into every rank's output, then the exit barrier), `small_s` (the one-shot
+      small-message path's reduction) and `quiesce_s` (failing ranks waiting until no peer
+      works on their buffers any more).
     """
     return {**_ddl.counters(), "lax_leaves": _lax_leaves}
 

@@ -5,8 +5,6 @@ Verified against jax 0.10.x. Later versions are supported by adding branches her
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 from jax._src import config as _config
 from jax._src import core as _core
@@ -92,27 +90,31 @@ def lowering_mesh(ctx):
 
 
 _SITES_KEY = ("jax_ddl", "call sites")  # our entry in a module's lowering cache
-_module_nonces = itertools.count(1)
+_modules_named: dict = {}  # module name -> modules of that name lowered with jax_ddl calls
 
 
 def call_site(ctx) -> tuple[int, int, str]:
     """(module, site, name) for a jax_ddl call being lowered.
 
-    `module` is a nonce that tells this process's lowered modules apart; `site` numbers the
-    jax_ddl calls of one module in lowering order (1, 2, ...), so it depends on the program
-    alone and every process derives the same one; `name` is the module's name. The count
-    lives in the module context's lowering cache, which every sub-context shares.
+    `site` numbers the jax_ddl calls of one module in lowering order (1, 2, ...), so it
+    depends on the program alone and every process derives the same one; `name` is the
+    module's name; `module` tells this process's lowered modules of that name apart (how
+    many such modules it lowered before), so the compiled program is the same text in
+    every process unless one lowered extra modules of the same name. The count lives in
+    the module context's lowering cache, which every sub-context shares.
     """
     mod_ctx = ctx.module_context
-    store = mod_ctx.cached_primitive_lowerings
-    record = store.get(_SITES_KEY)
-    if record is None:
-        record = store[_SITES_KEY] = [next(_module_nonces), 0]
-    record[1] += 1
     try:
         name = str(mod_ctx.module.operation.attributes["sym_name"]).strip('"')
     except (KeyError, AttributeError):
         name = "a jitted function"
+    store = mod_ctx.cached_primitive_lowerings
+    record = store.get(_SITES_KEY)
+    if record is None:
+        number = _modules_named.get(name, 0)
+        _modules_named[name] = number + 1
+        record = store[_SITES_KEY] = [number, 0]
+    record[1] += 1
     return record[0], record[1], name
 
 
