@@ -178,29 +178,37 @@ class Harness:
     def inputs(self, impl: str, count: int, dtype, pattern: bool):
         """(n, count) array sharded one row per device (for "mpi": this process's one row);
         rank r, element e holds (r + 1) * (e % 7 + 1) when `pattern`, else zeros (timing:
-        no denormals, no overflow)."""
+        no denormals, no overflow). Built one row at a time, on its device, so the peak
+        host memory is one row in float64 whatever the size."""
         import jax.numpy as jnp
+
+        np = self.np
+        jax = self.jax
+
+        def row(r):
+            if not pattern:
+                return np.zeros((1, count), dtype)
+            vals = (r + 1) * (np.arange(count) % 7 + 1).astype(np.float64)
+            return np.asarray(jnp.asarray(vals, dtype)).reshape(1, count)
+
+        if impl == "mpi":
+            return np.ascontiguousarray(row(jax.process_index())[0])
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        np = self.np
-        rows = [self.jax.process_index()] if impl == "mpi" else self.rows
-        if pattern:
-            host = (np.asarray(rows) + 1)[:, None] * (np.arange(count) % 7 + 1)[None, :]
-        else:
-            host = np.zeros((len(rows), count))
-        if impl == "mpi":
-            return np.ascontiguousarray(host[0].astype(dtype))
-        local = np.asarray(jnp.asarray(host.astype(np.float64)).astype(dtype))
         sharding = NamedSharding(self.mesh, P("i"))
-        return self.jax.make_array_from_process_local_data(sharding, local, (self.n, count))
+        shards = [jax.device_put(row(r), self.devices[r]) for r in self.rows]
+        return jax.make_array_from_single_device_arrays((self.n, count), sharding, shards)
 
-    def local_rows(self, y):
-        """This process's rows of a result, as float64 (n_local, count)."""
+    def count_wrong(self, y, want) -> int:
+        """Elements of this process's rows of `y` that differ from `want` (float64, one row),
+        compared one row at a time."""
         np = self.np
         if isinstance(y, np.ndarray):
-            return y.astype(np.float64)[None, :]
-        return np.stack([np.asarray(s.data, np.float64)[0] for s in y.addressable_shards])
+            return int((y.astype(np.float64) != want).sum())
+        return sum(
+            int((np.asarray(s.data, np.float64)[0] != want).sum()) for s in y.addressable_shards
+        )
 
     def expected(self, impl: str, count: int, op: str):
         np = self.np
@@ -288,9 +296,9 @@ def run(args, out=sys.stdout):
         for impl in impls:
             for mode in args.modes:
                 fn = h.function(impl, mode, dtype, args.op)
-                got = h.local_rows(fn(h.inputs(impl, count, dtype, pattern=True)))
-                want = h.expected(impl, count, args.op)[None, :]
-                wrong[impl, mode] = int((got != want).sum())
+                got = fn(h.inputs(impl, count, dtype, pattern=True))
+                wrong[impl, mode] = h.count_wrong(got, h.expected(impl, count, args.op))
+                del got
                 fns[impl, mode] = fn
                 state[impl, mode] = h.inputs(impl, count, dtype, pattern=False)
                 for _ in range(args.warmup):
