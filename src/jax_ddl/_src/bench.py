@@ -189,10 +189,10 @@ class Harness:
             if not pattern:
                 return np.zeros((1, count), dtype)
             vals = (r + 1) * (np.arange(count) % 7 + 1).astype(np.float64)
-            return np.asarray(jnp.asarray(vals, dtype)).reshape(1, count)
+            return np.array(jnp.asarray(vals, dtype)).reshape(1, count)  # a writable copy
 
-        if impl == "mpi":
-            return np.ascontiguousarray(row(jax.process_index())[0])
+        if impl == "mpi":  # MPI_Allreduce in place writes into it
+            return np.array(row(jax.process_index())[0])
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
