@@ -156,7 +156,7 @@ Member PrepareSmall(const Call& c) {
   DeviceSite& ds = *c.ds;
   const int64_t count = c.desc.count;
   std::vector<char>& staging = ds.staging[ds.completed & 1];
-  staging.resize(count * sizeof(T));
+  ds.Grow(&staging, count * sizeof(T));
   ForEachPiece(ds.offsets, Range{0, count}, [&](int64_t seg, int64_t begin, int64_t len) {
     std::memcpy(staging.data() + begin * sizeof(T), ds.inputs[seg], len * sizeof(T));
   });
@@ -182,7 +182,7 @@ ffi::Error FinishSmall(const Call& c, Rendezvous* r, bool arrived) {
   // Nested accumulation in plan order: level j holds the partial sum over dimension j.
   constexpr int64_t kBlock = 1024;
   const int levels = plan.num_stages();
-  ds.accum.resize(levels * kBlock * sizeof(A));
+  ds.Grow(&ds.accum, levels * kBlock * sizeof(A));
   A* acc = reinterpret_cast<A*>(ds.accum.data());
   for (int64_t base = 0; base < count; base += kBlock) {
     const int64_t m = std::min(kBlock, count - base);
@@ -268,9 +268,14 @@ int64_t FrameStride(int64_t payload_bytes) {
   return kFrameHeader + (payload_bytes + 63) / 64 * 64;
 }
 
-char* FrameArea(std::vector<char>* buf, int64_t bytes) {
-  if (buf->size() < static_cast<size_t>(bytes)) buf->resize(bytes);
-  return buf->data();
+// The largest slice any member of `me`'s stage-`s` group owns after the stage: the payload
+// bound of one frame of that stage (regions differ by at most one element).
+int64_t LargestPart(const Plan& plan, int64_t me, int s, int64_t n) {
+  int64_t most = 0;
+  for (int64_t g = 0; g < plan.dim(s); ++g) {
+    most = std::max(most, plan.Region(plan.Peer(me, s, g), s + 1, n).size());
+  }
+  return most;
 }
 
 // The allreduce of local slot `slot`'s slice (`n` accumulator elements in `data`) with the same
@@ -291,11 +296,10 @@ bool ProcessAllreduce(const Call& c, int64_t slot, MpiCall& mpi, char* data, int
     const int64_t k = plan.dim(s);
     if (k == 1) continue;
     const Range mine = plan.Region(me, s + 1, n);
-    const Range all = plan.Region(me, s, n);
     const int64_t rstride = FrameStride(mine.size() * elem);
-    const int64_t sstride = FrameStride(all.size() * elem);
-    char* rbuf = FrameArea(&ds.mpi[1], (k - 1) * rstride);
-    char* sbuf = FrameArea(&ds.mpi[2], (k - 1) * sstride);
+    const int64_t sstride = FrameStride(LargestPart(plan, me, s, n) * elem);
+    char* rbuf = ds.Grow(&ds.mpi[1], (k - 1) * rstride);
+    char* sbuf = ds.Grow(&ds.mpi[2], (k - 1) * sstride);
     for (int64_t g = 0, i = 0; g < k; ++g) {
       const int64_t q = plan.Peer(me, s, g);
       if (q == me) continue;
@@ -323,11 +327,10 @@ bool ProcessAllreduce(const Call& c, int64_t slot, MpiCall& mpi, char* data, int
     const int64_t k = plan.dim(s);
     if (k == 1) continue;
     const Range mine = plan.Region(me, s + 1, n);
-    const Range all = plan.Region(me, s, n);
-    const int64_t rstride = FrameStride(all.size() * elem);
+    const int64_t rstride = FrameStride(LargestPart(plan, me, s, n) * elem);
     const int64_t sstride = FrameStride(mine.size() * elem);
-    char* rbuf = FrameArea(&ds.mpi[1], (k - 1) * rstride);
-    char* sbuf = FrameArea(&ds.mpi[2], (k - 1) * sstride);
+    char* rbuf = ds.Grow(&ds.mpi[1], (k - 1) * rstride);
+    char* sbuf = ds.Grow(&ds.mpi[2], (k - 1) * sstride);
     for (int64_t g = 0, i = 0; g < k; ++g) {
       const int64_t q = plan.Peer(me, s, g);
       if (q == me) continue;
@@ -369,7 +372,7 @@ Member PrepareLarge(const Call& c, bool cross) {
   const Plan& plan = cross ? c.site->local_plan() : c.site->plan();
   // 16-bit floats keep intermediate stages in float32 so they are rounded only once.
   const bool scratch = !std::is_same_v<A, T> && plan.num_stages() > 1;
-  if (scratch) ds.inter.resize(c.desc.count * sizeof(A));
+  if (scratch) ds.Grow(&ds.inter, c.desc.count * sizeof(A));
   return Member{c.device, c.desc, ds.inputs.data(), ds.outputs.data(),
                 scratch ? ds.inter.data() : nullptr, nullptr};
 }
@@ -405,7 +408,7 @@ ffi::Error FinishLarge(const Call& c, Rendezvous* r, MpiCall* mpi, bool arrived)
   if (cross) {
     ds.mpi.resize(3);
     const int64_t slice_bytes = std::max<int64_t>(1, mine.size()) * sizeof(A);
-    buf = reinterpret_cast<A*>(FrameArea(&ds.mpi[0], slice_bytes));
+    buf = reinterpret_cast<A*>(ds.Grow(&ds.mpi[0], slice_bytes));
   }
   // Writes `len` elements from `src` (accumulator or T) into every rank's output at `begin`.
   auto broadcast = [&](int64_t seg, int64_t begin, int64_t len, const char* const* srcs,
@@ -457,7 +460,9 @@ ffi::Error FinishLarge(const Call& c, Rendezvous* r, MpiCall* mpi, bool arrived)
     const bool ok = mpi->Handshake(HeaderOf(c), &DescribeHeader, &error) &&
                     ProcessAllreduce<A>(c, rank, *mpi, ds.mpi[0].data(), mine.size(), &error);
     if (!ok) {
-      mpi->Abandon(&ds.mpi);
+      std::vector<std::vector<char>> frames;
+      ds.ReleaseMpi(&frames);
+      mpi->Abandon(&frames);  // keeps them while MPI may still use them
       if (!error.local) {
         error.message = c.site->context() + ", local slot " + std::to_string(rank) + ": " +
                         error.message;
@@ -519,7 +524,7 @@ ffi::Error RunSpanning(const Call& c) {
   const auto& offsets = ds.offsets;
   const int stages = plan.num_stages();
   const bool scratch = !kSameAcc && stages > 1;
-  if (scratch) ds.inter.resize(count * sizeof(A));
+  if (scratch) ds.Grow(&ds.inter, count * sizeof(A));
   ds.mpi.resize(3);
   Member m{c.device, c.desc, ds.inputs.data(), ds.outputs.data(),
            scratch ? ds.inter.data() : nullptr, nullptr};
@@ -531,7 +536,9 @@ ffi::Error RunSpanning(const Call& c) {
   Rendezvous* r = Join(c, slots, &error);
   if (r == nullptr) return FailWith(error);
   auto fail = [&](bool own) {
-    mpi.Abandon(&ds.mpi);
+    std::vector<std::vector<char>> frames;
+    ds.ReleaseMpi(&frames);
+    mpi.Abandon(&frames);  // keeps them while MPI may still use them
     own = own && !error.local;
     if (own) error.message = c.site->context() + ", local slot " + std::to_string(slot) + ": " +
                              error.message;
@@ -577,13 +584,12 @@ ffi::Error RunSpanning(const Call& c) {
     const bool src_acc = s > 0 && scratch;
     const int64_t es = src_acc ? sizeof(A) : sizeof(T);
     const Range mine = plan.Region(me, s + 1, count);
-    const Range held = plan.Region(me, s, count);
     int64_t remote = 0;
     for (int64_t g = 0; g < k; ++g) remote += !local(plan.Peer(me, s, g));
     const int64_t rstride = FrameStride(mine.size() * es);
-    const int64_t sstride = FrameStride(held.size() * es);
-    char* rbuf = FrameArea(&ds.mpi[1], remote * rstride);
-    char* sbuf = FrameArea(&ds.mpi[2], remote * sstride);
+    const int64_t sstride = FrameStride(LargestPart(plan, me, s, count) * es);
+    char* rbuf = ds.Grow(&ds.mpi[1], remote * rstride);
+    char* sbuf = ds.Grow(&ds.mpi[2], remote * sstride);
     // Remote copies of my slice arrive in frames; my copies of theirs leave in frames.
     for (int64_t g = 0, i = 0; g < k; ++g) {
       const int64_t q = plan.Peer(me, s, g);
@@ -637,13 +643,12 @@ ffi::Error RunSpanning(const Call& c) {
   for (int s = stages - 1; s >= 0; --s) {
     const int64_t k = plan.dim(s);
     const Range mine = plan.Region(me, s + 1, count);
-    const Range held = plan.Region(me, s, count);
     int64_t remote = 0;
     for (int64_t g = 0; g < k; ++g) remote += !local(plan.Peer(me, s, g));
-    const int64_t rstride = FrameStride(held.size() * sizeof(T));
+    const int64_t rstride = FrameStride(LargestPart(plan, me, s, count) * sizeof(T));
     const int64_t sstride = FrameStride(mine.size() * sizeof(T));
-    char* rbuf = FrameArea(&ds.mpi[1], remote * rstride);
-    char* sbuf = FrameArea(&ds.mpi[2], remote * sstride);
+    char* rbuf = ds.Grow(&ds.mpi[1], remote * rstride);
+    char* sbuf = ds.Grow(&ds.mpi[2], remote * sstride);
     for (int64_t g = 0, i = 0; g < k; ++g) {
       const int64_t q = plan.Peer(me, s, g);
       if (local(q)) continue;

@@ -61,11 +61,12 @@ NB_MODULE(_ddl, m) {
     d["quiesce_s"] = c.quiesce_ns.load() * 1e-9;
     return d;
   });
-  // Resources held now (not reset): call sites of live executables, worker threads,
-  // requests of failed calls that MPI has not finished.
+  // Resources held now (not reset): call sites of live executables and their scratch bytes,
+  // worker threads, requests of failed calls that MPI has not finished.
   m.def("resources", []() {
     nb::dict d;
     d["live_sites"] = jax_ddl::LiveSites();
+    d["site_bytes"] = jax_ddl::SiteBytes();
     d["worker_threads"] = jax_ddl::WorkerThreads();
     d["abandoned_requests"] = jax_ddl::MpiAbandonedRequests();
     return d;

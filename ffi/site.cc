@@ -11,7 +11,33 @@ namespace jax_ddl {
 namespace {
 std::atomic<int64_t> g_live_sites{0};
 std::atomic<int64_t> g_next_serial{1};
+std::atomic<int64_t> g_site_bytes{0};
+
+int64_t Held(const std::vector<char>& buf) { return static_cast<int64_t>(buf.capacity()); }
 }  // namespace
+
+char* DeviceSite::Grow(std::vector<char>* buf, size_t bytes) {
+  const int64_t before = Held(*buf);
+  if (buf->size() < bytes) buf->resize(bytes);
+  g_site_bytes.fetch_add(Held(*buf) - before, std::memory_order_relaxed);
+  return buf->data();
+}
+
+void DeviceSite::ReleaseMpi(std::vector<std::vector<char>>* to) {
+  int64_t held = 0;
+  for (const auto& b : mpi) held += Held(b);
+  g_site_bytes.fetch_sub(held, std::memory_order_relaxed);
+  to->swap(mpi);
+  mpi.clear();
+}
+
+DeviceSite::~DeviceSite() {
+  int64_t held = Held(staging[0]) + Held(staging[1]) + Held(inter) + Held(accum);
+  for (const auto& b : mpi) held += Held(b);
+  g_site_bytes.fetch_sub(held, std::memory_order_relaxed);
+}
+
+int64_t SiteBytes() { return g_site_bytes.load(std::memory_order_relaxed); }
 
 xla::ffi::TypeId Site::id = {};
 

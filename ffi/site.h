@@ -38,6 +38,17 @@ enum class Mode : int32_t {
 // device never overlap (XLA runs a device's executions one after another, and a loop
 // runs its body's calls one iteration after another); `busy` enforces it.
 struct DeviceSite {
+  DeviceSite() = default;
+  ~DeviceSite();
+  DeviceSite(const DeviceSite&) = delete;
+  DeviceSite& operator=(const DeviceSite&) = delete;
+
+  // Grows `buf` (one of the scratch buffers below) to at least `bytes`, keeping the
+  // process-wide count of scratch bytes (SiteBytes) in step. Returns its data.
+  char* Grow(std::vector<char>* buf, size_t bytes);
+  // Hands the MPI buffers over (to the transport, after a failed call), uncounting them.
+  void ReleaseMpi(std::vector<std::vector<char>>* to);
+
   std::atomic<bool> busy{false};
   int64_t last_run_id = 0;
   bool seen_run = false;
@@ -115,5 +126,7 @@ std::string FormatTimeout(int64_t timeout_ms);
 
 // Live sites in this process (to check that memory follows the executables' lifetime).
 int64_t LiveSites();
+// Bytes of scratch (staging, intermediates, message frames) held by the live sites.
+int64_t SiteBytes();
 
 }  // namespace jax_ddl

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_ddl  # noqa: E402
+from jax_ddl import _ddl  # noqa: E402
 
 rank, procs = info["process_index"], info["process_count"]
 assert (jax.process_index(), jax.process_count()) == (rank, procs), info
@@ -89,6 +90,28 @@ for topo in topologies:
     dims = default if topo is None else tuple(int(d) for d in topo.split("x"))
     for got in rows(spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(noise_in)):
         np.testing.assert_array_equal(got, plan_order_sum(noise, dims), err_msg=f"topology {topo}")
+
+# Scratch of a call site: message frames sized by the slices a call sends and receives,
+# never by whole buffers (each frame area was once (k - 1) whole regions: 8x the buffer per
+# device for the flat spec over 2 processes x 4 devices). Per process, for B bytes per
+# device: DDL's hierarchy holds each device's slice (B in all) and frames of at most
+# 2 x (procs - 1) / procs of it; a group spanning processes sends and receives at most
+# that share of each device's buffer.
+B = 1 << 20
+ones = global_array(np.ones((n, B // 4), np.float32))
+for topo in topologies:
+    dims = default if topo is None else tuple(int(d) for d in topo.split("x"))
+    f = spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))
+    before = _ddl.resources()["site_bytes"]
+    out = f(ones)
+    held = _ddl.resources()["site_bytes"] - before
+    for got in rows(out):
+        assert got[0] == n and got[-1] == n, (topo, got[:4])
+    share = 2 * (procs - 1) / procs
+    across = local in np.cumprod(dims).tolist()
+    bound = B * (1 + share) if across else local * B * share
+    assert held <= bound + 64 * 1024, f"topology {topo}: {held} bytes of scratch, bound {bound}"
+    del f, out
 
 # A pytree of three dtypes: one call each, all exact.
 tree = {
