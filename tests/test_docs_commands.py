@@ -32,8 +32,12 @@ RULES = [
     (r"^\.venv/bin/pytest$", "the test suite itself"),
     (r"^cmake ", "the C++ tests: .ci/run builds and runs them"),
     (r"^ctest ", "the C++ tests: .ci/run builds and runs them"),
-    (r"emulated_hosts\.py|^L=|\$L |^H=", "needs root: test_multiprocess.py runs the emulated hosts"),
+    (
+        r"emulated_hosts\.py|^L=|\$L |^H=",
+        "needs root: test_multiprocess.py runs the emulated hosts",
+    ),
     (r"-hosts node1,node2", "needs real hosts"),
+    (r"^bash tools/gpu_check\.sh", "needs an NVIDIA GPU: the GPU machine runs it"),
     (r"^\.venv/bin/python examples/train\.py --help$", []),
     (r"^\.venv/bin/python examples/train\.py", TINY_TRAIN),
     (
