@@ -43,7 +43,7 @@ __device__ inline uint64_t NowNs() {
   return t;
 }
 
-// One warp: lane j signals member j and waits for member j's signal. Every wait is bounded:
+// Two warps: thread j signals member j and waits for member j's signal. Every wait is bounded:
 // past the deadline it records the member as missing and returns, leaving the device
 // usable (the host reports the failure and fails the site's later calls).
 __global__ void BarrierKernel(BarrierArgs a) {
@@ -173,11 +173,11 @@ int LaunchGather(Elem elem, const GatherArgs& args, void* stream, int sm_count) 
 }
 
 int LaunchBarrier(const BarrierArgs& args, void* stream) {
-  if (args.k < 1 || args.k > kMaxGroup || args.error == nullptr) {
+  if (args.k < 1 || args.k > kMaxLocalRanks || args.error == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (args.k == 1) return 0;
-  BarrierKernel<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  BarrierKernel<<<1, kMaxLocalRanks, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -41,19 +41,19 @@ struct GatherArgs {
 // never signalled. Once `failed` is set, later barriers of the site return at once.
 struct BarrierError {
   uint32_t failed;
-  uint32_t stage;
+  uint32_t stage;  // the barrier's index in its call (cuda/schedule.h)
   uint64_t epoch;
-  uint8_t missing[kMaxGroup];
+  uint8_t missing[kMaxLocalRanks];
 };
 
-// A barrier of one rank with its group: it stores `epoch` into its slot of every member's
-// flag array (`peer_flags[j][my_slot]`, release, system scope), then waits until every
-// member's slot of its own flags (`my_flags[slot[j]]`) reaches `epoch` (acquire), for at
-// most `timeout_ns` (0: no limit). Epochs grow with every barrier of the site, so a flag
-// never has to be reset.
+// A barrier of one rank with its group (a stage's, or every host-local rank's): it stores `epoch`
+// into its slot of every member's flag array (`peer_flags[j][my_slot]`, release, system scope),
+// then waits until every member's slot of its own flags (`my_flags[slot[j]]`) reaches `epoch`
+// (acquire), for at most `timeout_ns` (0: no limit). Epochs grow with every barrier of the site, so
+// a flag never has to be reset.
 struct BarrierArgs {
-  uint64_t* peer_flags[kMaxGroup];
-  int32_t slot[kMaxGroup];
+  uint64_t* peer_flags[kMaxLocalRanks];
+  int32_t slot[kMaxLocalRanks];
   int32_t k = 0;
   int32_t my_slot = 0;
   uint64_t* my_flags = nullptr;

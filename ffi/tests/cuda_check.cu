@@ -1,10 +1,10 @@
 // The CUDA engine's kernels on a real GPU, with P ranks as buffers on one device, each rank
-// on its own stream (as each device's stream would be): the plan's reduce-scatter stages
-// and the all-gather, separated by the device-side barriers, checked bit for bit against
-// the host's plan-order reduction for every dtype, op, grid and several sizes; a barrier
-// whose peer never arrives must time out, record the missing member and leave the device
-// usable. Then the bandwidth of one stage's reduction against cudaMemcpy device-to-device
-// in the same run (bytes each pass must read and write).
+// on its own stream (as each device's stream would be), enqueueing the engine's schedule
+// (cuda/schedule.h: reduce-scatter stages and the all-gather between device-side
+// barriers), checked bit for bit against the host's plan-order reduction for every dtype,
+// op, grid and several sizes; a barrier whose peer never arrives must time out, record the
+// missing member and leave the device usable. Then the bandwidth of one stage's reduction
+// against cudaMemcpy device-to-device in the same run (bytes each pass must read and write).
 //
 // Exit codes: 0 passed, 1 failed, 77 no CUDA device (ctest counts it as skipped).
 // Usage: cuda_check [--bench] [--bench-mib N]
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cuda/launch.h"
+#include "cuda/schedule.h"
 #include "topology.h"
 
 using namespace jax_ddl;
@@ -156,43 +157,39 @@ void RunCase(const std::vector<int64_t>& dims, int64_t count, std::mt19937& rng,
   }
   CUDA_OK(cudaDeviceSynchronize());
   const int64_t timeout_ns = int64_t{10} * 1000 * 1000 * 1000;
-  // Two calls in a row at the same site (flags carry over, epochs grow).
+  // Two calls in a row at the same site (flags carry over, epochs grow), each rank
+  // enqueueing the engine's schedule (cuda/schedule.h) on its own stream.
+  const int64_t per_call = BarriersPerCall(plan);
   for (int call = 0; call < 2; ++call) {
     for (int64_t r = 0; r < P; ++r) {
-      uint64_t epoch = R.epoch;
-      for (int s = 0; s < plan.num_stages(); ++s) {
-        std::vector<int64_t> group(plan.dim(s));
-        for (int64_t g = 0; g < plan.dim(s); ++g) group[g] = plan.Peer(r, s, g);
-        // Before stage s: the group's members have finished writing what it reads.
-        R.Barrier(r, group, ++epoch, timeout_ns, s);
-        PassArgs a;
-        a.k = static_cast<int32_t>(group.size());
-        for (int g = 0; g < a.k; ++g) a.srcs[g] = s == 0 ? R.in[group[g]] : R.staging[group[g]];
-        a.dst = R.staging[r];
-        const Range mine = plan.Region(r, s + 1, count);
-        a.begin = mine.begin, a.end = mine.end;
-        CHECK(LaunchPass(ElemOf<T>::value, kOp, s == 0 ? PassKind::kFirst : PassKind::kMiddle, a,
-                         R.streams[r], sms) == 0,
-              "%s: pass launch", what.c_str());
+      for (const Step& st : RankSchedule(plan, r, count)) {
+        if (st.kind == Step::Kind::kBarrier) {
+          R.Barrier(r, st.ranks, R.epoch + st.index + 1, timeout_ns,
+                    static_cast<uint32_t>(st.index));
+        } else if (st.kind == Step::Kind::kPass) {
+          PassArgs a;
+          a.k = static_cast<int32_t>(st.ranks.size());
+          for (int g = 0; g < a.k; ++g) {
+            a.srcs[g] = st.pass == PassKind::kFirst ? R.in[st.ranks[g]] : R.staging[st.ranks[g]];
+          }
+          a.dst = R.staging[r];
+          a.begin = st.range.begin, a.end = st.range.end;
+          CHECK(LaunchPass(ElemOf<T>::value, kOp, st.pass, a, R.streams[r], sms) == 0,
+                "%s: pass launch", what.c_str());
+        } else {
+          GatherArgs g;
+          g.n = static_cast<int32_t>(P);
+          for (int64_t o = 0; o < P; ++o) {
+            g.srcs[o] = R.staging[o];
+            g.begin[o] = st.spans[o].begin, g.end[o] = st.spans[o].end;
+          }
+          g.dst = R.out[r];
+          CHECK(LaunchGather(ElemOf<T>::value, g, R.streams[r], sms) == 0, "%s: gather launch",
+                what.c_str());
+        }
       }
-      std::vector<int64_t> all(P);
-      for (int64_t q = 0; q < P; ++q) all[q] = q;
-      if (P <= kMaxGroup) R.Barrier(r, all, ++epoch, timeout_ns, plan.num_stages());
-      GatherArgs g;
-      g.n = static_cast<int32_t>(P);
-      for (int64_t o = 0; o < P; ++o) {
-        g.srcs[o] = R.staging[o];
-        const Range slice = plan.Region(o, plan.num_stages(), count);
-        g.begin[o] = slice.begin, g.end[o] = slice.end;
-      }
-      g.dst = R.out[r];
-      CHECK(LaunchGather(ElemOf<T>::value, g, R.streams[r], sms) == 0, "%s: gather launch",
-            what.c_str());
-      // After the gather: nobody reads a rank's staging any more, so its next call may
-      // overwrite it.
-      if (P <= kMaxGroup) R.Barrier(r, all, ++epoch, timeout_ns, plan.num_stages() + 1);
     }
-    R.epoch += plan.num_stages() + 2;
+    R.epoch += per_call;
     CUDA_OK(cudaDeviceSynchronize());
     CHECK(!R.error_host->failed, "%s: a barrier timed out", what.c_str());
   }
