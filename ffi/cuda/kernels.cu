@@ -9,7 +9,7 @@ namespace cuda {
 namespace {
 
 template <Op kOp, typename A, typename S, typename D, bool kVector>
-__global__ void PassKernel(PassArgs args) {
+__global__ void __launch_bounds__(512) PassKernel(PassArgs args) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const S* srcs[kMaxGroup];
@@ -19,7 +19,7 @@ __global__ void PassKernel(PassArgs args) {
 }
 
 template <typename A, typename D, bool kVector>
-__global__ void GatherKernel(GatherArgs args) {
+__global__ void __launch_bounds__(512) GatherKernel(GatherArgs args) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int j = 0; j < args.n; ++j) {
@@ -51,6 +51,7 @@ __global__ void BarrierKernel(BarrierArgs a) {
   if (err->failed) return;
   const int j = threadIdx.x;
   const bool peer = j < a.k && a.slot[j] != a.my_slot;
+  __threadfence_system();  // this stream's earlier writes, before the signal
   if (peer) StoreRelease(a.peer_flags[j] + a.my_slot, a.epoch);
   if (peer) {
     const uint64_t start = NowNs();
@@ -72,6 +73,15 @@ __global__ void BarrierKernel(BarrierArgs a) {
   __threadfence_system();
 }
 
+// Blocks of 512 threads of `kernel` that fit on one multiprocessor at once (registers,
+// threads), at most 4, so a pass's grid runs in one wave.
+template <typename Kernel>
+int BlocksPerSm(Kernel kernel) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 512, 0) != cudaSuccess) n = 1;
+  return n < 1 ? 1 : (n > 4 ? 4 : n);
+}
+
 template <Op kOp, typename A, typename S, typename D>
 int Pass(const PassArgs& a, cudaStream_t stream, int sm_count) {
   if (a.end <= a.begin) return 0;
@@ -79,7 +89,11 @@ int Pass(const PassArgs& a, cudaStream_t stream, int sm_count) {
   for (int q = 0; q < a.k; ++q) ptrs[q] = a.srcs[q];
   ptrs[a.k] = a.dst;
   const bool vec = CanVectorize(ptrs, a.k + 1);
-  const Geometry g = PassGeometry(a.begin, a.end, vec ? PackElements<S, D, true>() : 1, sm_count);
+  (void)cudaGetLastError();  // so the result below is this launch's
+  static const int per_sm[2] = {BlocksPerSm(PassKernel<kOp, A, S, D, false>),
+                                BlocksPerSm(PassKernel<kOp, A, S, D, true>)};
+  const Geometry g =
+      PassGeometry(a.begin, a.end, vec ? PackElements<S, D, true>() : 1, sm_count, per_sm[vec]);
   if (vec) {
     PassKernel<kOp, A, S, D, true><<<g.blocks, g.threads, 0, stream>>>(a);
   } else {
@@ -121,7 +135,11 @@ int Gather(const GatherArgs& a, cudaStream_t stream, int sm_count) {
   if (longest == 0) return 0;
   ptrs[a.n] = a.dst;
   const bool vec = CanVectorize(ptrs, a.n + 1);
-  const Geometry g = PassGeometry(0, longest, vec ? PackElements<A, T, true>() : 1, sm_count);
+  (void)cudaGetLastError();
+  static const int per_sm[2] = {BlocksPerSm(GatherKernel<A, T, false>),
+                                BlocksPerSm(GatherKernel<A, T, true>)};
+  const Geometry g =
+      PassGeometry(0, longest, vec ? PackElements<A, T, true>() : 1, sm_count, per_sm[vec]);
   if (vec) {
     GatherKernel<A, T, true><<<g.blocks, g.threads, 0, stream>>>(a);
   } else {
@@ -177,6 +195,7 @@ int LaunchBarrier(const BarrierArgs& args, void* stream) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (args.k == 1) return 0;
+  (void)cudaGetLastError();
   BarrierKernel<<<1, kMaxLocalRanks, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return static_cast<int>(cudaGetLastError());
 }

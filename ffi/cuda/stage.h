@@ -129,14 +129,15 @@ struct Geometry {
 };
 
 // `packs`: packs (or single elements) of the pass; `sm_count`: multiprocessors of the
-// device. Up to 4 blocks of 512 threads per multiprocessor, enough to keep an H100/H200
-// memory-bound pass at full bandwidth (more resident warps than that do not help a
-// streaming kernel), and never more blocks than there is work for.
-inline Geometry StageGeometry(int64_t packs, int sm_count) {
+// device; `per_sm`: blocks that fit on one at once (the launcher asks the occupancy API;
+// at most 4). 512 threads a block, never more blocks than one wave or than there is work
+// for: a streaming pass at full occupancy keeps the memory system busy.
+inline Geometry StageGeometry(int64_t packs, int sm_count, int per_sm = 4) {
   Geometry g;
   if (packs <= 0) return g;
   g.threads = 512;
-  const int64_t most = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
+  const int64_t most = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) *
+                       static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
   const int64_t need = (packs + g.threads - 1) / g.threads;
   g.blocks = need < most ? need : most;
   return g;
@@ -144,9 +145,9 @@ inline Geometry StageGeometry(int64_t packs, int sm_count) {
 
 // The geometry of a pass over [begin, end) in packs of `v` elements: enough threads for
 // every pack plus the unaligned head and tail.
-inline Geometry PassGeometry(int64_t begin, int64_t end, int64_t v, int sm_count) {
+inline Geometry PassGeometry(int64_t begin, int64_t end, int64_t v, int sm_count, int per_sm = 4) {
   if (end <= begin) return Geometry{};
-  return StageGeometry((end - begin + v - 1) / v + 1, sm_count);
+  return StageGeometry((end - begin + v - 1) / v + 1, sm_count, per_sm);
 }
 
 }  // namespace cuda
