@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cuda/launch.h"
@@ -42,49 +43,40 @@ inline int64_t BarriersPerCall(const Plan& plan) {
 // (copy, converting 16-bit types through the accumulator) and the gather; no barriers.
 inline std::vector<Step> RankSchedule(const Plan& plan, int64_t rank, int64_t count) {
   std::vector<Step> steps;
-  int64_t barrier = 0;
-  const int64_t ranks = plan.num_ranks();
-  bool first = true;
-  for (int s = 0; s < plan.num_stages(); ++s) {
-    const int64_t k = plan.dim(s);
-    if (k == 1 && !(first && s == plan.num_stages() - 1)) continue;
+  int64_t barriers = 0;
+  auto barrier = [&](std::vector<int64_t> members) {
     Step b;
     b.kind = Step::Kind::kBarrier;
-    for (int64_t g = 0; g < k; ++g) b.ranks.push_back(plan.Peer(rank, s, g));
-    b.index = barrier;
-    if (k > 1) {
-      steps.push_back(b);
-      ++barrier;
-    }
+    b.ranks = std::move(members);
+    b.index = barriers++;
+    steps.push_back(std::move(b));
+  };
+  const int64_t ranks = plan.num_ranks();
+  const int last = plan.num_stages() - 1;
+  bool first = true;
+  for (int s = 0; s <= last; ++s) {
+    const int64_t k = plan.dim(s);
+    if (k == 1 && !(first && s == last)) continue;  // a trivial stage: nothing to reduce
+    std::vector<int64_t> group(k);
+    for (int64_t g = 0; g < k; ++g) group[g] = plan.Peer(rank, s, g);
+    if (k > 1) barrier(group);
     Step p;
     p.kind = Step::Kind::kPass;
-    p.ranks = b.ranks;
+    p.ranks = std::move(group);
     p.pass = first ? PassKind::kFirst : PassKind::kMiddle;
     p.range = plan.Region(rank, s + 1, count);
-    steps.push_back(p);
+    steps.push_back(std::move(p));
     first = false;
   }
   std::vector<int64_t> all(ranks);
   for (int64_t q = 0; q < ranks; ++q) all[q] = q;
-  if (ranks > 1) {
-    Step b;
-    b.kind = Step::Kind::kBarrier;
-    b.ranks = all;
-    b.index = barrier++;
-    steps.push_back(b);
-  }
+  if (ranks > 1) barrier(all);
   Step g;
   g.kind = Step::Kind::kGather;
   g.ranks = all;
   for (int64_t q = 0; q < ranks; ++q) g.spans.push_back(plan.Region(q, plan.num_stages(), count));
-  steps.push_back(g);
-  if (ranks > 1) {
-    Step b;
-    b.kind = Step::Kind::kBarrier;
-    b.ranks = all;
-    b.index = barrier++;
-    steps.push_back(b);
-  }
+  steps.push_back(std::move(g));
+  if (ranks > 1) barrier(all);
   return steps;
 }
 

@@ -20,23 +20,11 @@
 
 #include "cuda/launch.h"
 #include "cuda/schedule.h"
+#include "oracle.h"
 #include "topology.h"
 
 using namespace jax_ddl;
 using namespace jax_ddl::cuda;
-
-static int failures = 0;
-#define CHECK(cond, ...)                                                              \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      if (failures < 20) {                                                            \
-        std::fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond); \
-        std::fprintf(stderr, __VA_ARGS__);                                            \
-        std::fprintf(stderr, "\n");                                                   \
-      }                                                                               \
-      ++failures;                                                                     \
-    }                                                                                 \
-  } while (0)
 
 #define CUDA_OK(expr)                                                                             \
   do {                                                                                            \
@@ -74,18 +62,8 @@ struct ElemOf<int64_t> {
   static constexpr Elem value = Elem::kI64;
 };
 
-template <typename T>
-T Value(std::mt19937& rng) {
-  if constexpr (std::is_same_v<T, bf16_t>) {
-    return ToBf16(std::uniform_real_distribution<float>(-3, 3)(rng));
-  } else if constexpr (std::is_same_v<T, f16_t>) {
-    return ToF16(std::uniform_real_distribution<float>(-3, 3)(rng));
-  } else if constexpr (std::is_floating_point_v<T>) {
-    return static_cast<T>(std::uniform_real_distribution<double>(-1e3, 1e3)(rng));
-  } else {
-    return static_cast<T>(std::uniform_int_distribution<int64_t>(-(1LL << 40), 1LL << 40)(rng));
-  }
-}
+using testing::SameBits;
+using testing::Value;
 
 // P ranks on one device: inputs and outputs of each call, staging (accumulator type),
 // flags, streams. Buffers start `offset` bytes past an allocation (cudaMalloc aligns to
@@ -217,29 +195,15 @@ void RunCase(const std::vector<int64_t>& dims, int64_t count, int offset, std::m
   CUDA_OK(cudaDeviceSynchronize());
   CHECK(!R.error_host->failed, "%s: a barrier timed out", what.c_str());
   for (int c = 0; c < calls; ++c) {
-    // Oracle: fold dimension by dimension on the host.
-    std::vector<std::vector<A>> level(P, std::vector<A>(count));
-    for (int64_t r = 0; r < P; ++r)
-      for (int64_t i = 0; i < count; ++i) level[r][i] = Load<A>(host[c * P + r][i]);
-    for (int s = 0; s < plan.num_stages(); ++s) {
-      std::vector<std::vector<A>> next(P, std::vector<A>(count));
-      for (int64_t r = 0; r < P; ++r)
-        for (int64_t i = 0; i < count; ++i) {
-          A a = level[plan.Peer(r, s, 0)][i];
-          for (int64_t g = 1; g < plan.dim(s); ++g) {
-            a = Combine<kOp>(a, level[plan.Peer(r, s, g)][i]);
-          }
-          next[r][i] = a;
-        }
-      level.swap(next);
-    }
+    std::vector<const T*> inputs;
+    for (int64_t r = 0; r < P; ++r) inputs.push_back(host[c * P + r].data());
+    const std::vector<T> want = testing::PlanOrderReduce<kOp, T>(plan, inputs, count);
     std::vector<T> got(count);
     for (int64_t r = 0; r < P; ++r) {
       CUDA_OK(cudaMemcpy(got.data(), R.out[c * P + r], count * sizeof(T), cudaMemcpyDeviceToHost));
       int64_t wrong = 0, first = -1;
       for (int64_t i = 0; i < count; ++i) {
-        const T want = Store<T>(level[r][i]);
-        if (std::memcmp(&want, &got[i], sizeof(T)) != 0) {
+        if (!SameBits(want[i], got[i])) {
           if (first < 0) first = i;
           ++wrong;
         }
@@ -381,8 +345,8 @@ int main(int argc, char** argv) {
     Bench(64, sms);
     if (mib != 64) Bench(mib, sms);
   }
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
+  if (testing::Failures()) {
+    std::fprintf(stderr, "%d check(s) failed\n", testing::Failures());
     return 1;
   }
   std::printf("cuda kernels on the device: all checks passed\n");

@@ -19,41 +19,14 @@
 
 #include "cuda/schedule.h"
 #include "cuda/stage.h"
+#include "oracle.h"
 #include "topology.h"
 
 using namespace jax_ddl;
 using jax_ddl::cuda::Geometry;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                                              \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      if (failures < 20) {                                                            \
-        std::fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond); \
-        std::fprintf(stderr, __VA_ARGS__);                                            \
-        std::fprintf(stderr, "\n");                                                   \
-      }                                                                               \
-      ++failures;                                                                     \
-    }                                                                                 \
-  } while (0)
-
-template <typename T>
-T Value(std::mt19937& rng) {
-  if constexpr (std::is_same_v<T, bf16_t>) {
-    return ToBf16(std::uniform_real_distribution<float>(-3, 3)(rng));
-  } else if constexpr (std::is_same_v<T, f16_t>) {
-    return ToF16(std::uniform_real_distribution<float>(-3, 3)(rng));
-  } else if constexpr (std::is_floating_point_v<T>) {
-    return static_cast<T>(std::uniform_real_distribution<double>(-1e3, 1e3)(rng));
-  } else {
-    return static_cast<T>(std::uniform_int_distribution<int64_t>(-(1LL << 40), 1LL << 40)(rng));
-  }
-}
-
-template <typename T>
-bool SameBits(T a, T b) {
-  return std::memcmp(&a, &b, sizeof(T)) == 0;
-}
+using testing::SameBits;
+using testing::Value;
 
 // Runs one pass (k sources into dst over [begin, end)) as the device would: the geometry
 // the engine computes, each thread index in turn; vectorised when every pointer allows.
@@ -257,28 +230,14 @@ void RunCase(const std::vector<int64_t>& dims, int64_t count, int offset, std::m
   CHECK(barriers_passed == calls * ranks * per_call, "%s: %lld barriers passed, expected %lld",
         what.c_str(), (long long)barriers_passed, (long long)(calls * ranks * per_call));
 
-  // Oracle per call: fold dimension by dimension (over c0 in order, then c1, ...).
+  // Oracle per call: the plan-order reduction (tests/oracle.h).
   for (int c = 0; c < calls; ++c) {
-    std::vector<std::vector<A>> level(ranks, std::vector<A>(count));
-    for (int64_t r = 0; r < ranks; ++r)
-      for (int64_t i = 0; i < count; ++i) level[r][i] = Load<A>(in[c * ranks + r][i]);
-    for (int s = 0; s < plan.num_stages(); ++s) {
-      std::vector<std::vector<A>> next(ranks, std::vector<A>(count));
-      for (int64_t r = 0; r < ranks; ++r) {
-        for (int64_t i = 0; i < count; ++i) {
-          A a = level[plan.Peer(r, s, 0)][i];
-          for (int64_t g = 1; g < plan.dim(s); ++g) {
-            a = Combine<kOp>(a, level[plan.Peer(r, s, g)][i]);
-          }
-          next[r][i] = a;
-        }
-      }
-      level.swap(next);
-    }
+    const std::vector<const T*> inputs(in.begin() + c * ranks, in.begin() + (c + 1) * ranks);
+    const std::vector<T> want = testing::PlanOrderReduce<kOp, T>(plan, inputs, count);
     for (int64_t r = 0; r < ranks; ++r) {
       int64_t wrong = 0;
       for (int64_t i = 0; i < count; ++i) {
-        wrong += !SameBits(out[c * ranks + r][i], Store<T>(level[r][i]));
+        wrong += !SameBits(out[c * ranks + r][i], want[i]);
         wrong += !SameBits(out[c * ranks + r][i], out[c * ranks][i]);
       }
       CHECK(wrong == 0, "%s: call %d rank %lld: %lld wrong elements", what.c_str(), c, (long long)r,
@@ -330,8 +289,8 @@ int main() {
   RunType<int64_t>(rng);
   RunType<bf16_t>(rng);
   RunType<f16_t>(rng);
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
+  if (testing::Failures()) {
+    std::fprintf(stderr, "%d check(s) failed\n", testing::Failures());
     return 1;
   }
   std::printf("cuda stage schedule: all checks passed\n");

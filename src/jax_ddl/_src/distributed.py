@@ -51,6 +51,19 @@ def _mpi():
     return MPI
 
 
+def _world(problem, fix):
+    """(MPI, COMM_WORLD) once MPI gives MPI_THREAD_MULTIPLE (else RuntimeError: `problem`,
+    the level MPI gave, `fix`), with errors returned: a failing peer must surface as an
+    error jax_ddl reports, not abort every process."""
+    MPI = _mpi()
+    provided = MPI.Query_thread()
+    if provided != MPI.THREAD_MULTIPLE:
+        raise RuntimeError(f"{problem}; the MPI library gave thread level {provided}. {fix}")
+    comm = MPI.COMM_WORLD
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    return MPI, comm
+
+
 def initialize(
     *,
     local_devices: int | None = None,
@@ -88,16 +101,10 @@ def initialize(
         are spread unevenly over hosts.
     """
     global _layout
-    MPI = _mpi()
-    provided = MPI.Query_thread()
-    if provided != MPI.THREAD_MULTIPLE:
-        raise RuntimeError(
-            f"jax_ddl needs MPI_THREAD_MULTIPLE; the MPI library gave thread level {provided}. "
-            "Import jax_ddl.distributed before mpi4py.MPI, or build MPI with thread support."
-        )
-    comm = MPI.COMM_WORLD
-    # A failing peer must surface as an error jax_ddl reports, not abort every process.
-    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    MPI, comm = _world(
+        "jax_ddl needs MPI_THREAD_MULTIPLE",
+        "Import jax_ddl.distributed before mpi4py.MPI, or build MPI with thread support.",
+    )
     rank, size = comm.Get_rank(), comm.Get_size()
     announced = _launcher_size()
     if announced and announced[0] in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE") and announced[1] != size:
@@ -234,14 +241,11 @@ def attach_on_first_use(api: str, timeout_s: float) -> None:
                 "the program under mpiexec (and call jax_ddl.distributed.initialize(), or "
                 "jax.distributed.initialize with process_id = the MPI rank)"
             )
-        MPI = _mpi()
-        if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
-            raise RuntimeError(
-                f"{api}: MPI was initialised without MPI_THREAD_MULTIPLE; import mpi4py with "
-                "mpi4py.rc.thread_level = 'multiple' (its default) or leave it to jax_ddl"
-            )
-        comm = MPI.COMM_WORLD
-        comm.Set_errhandler(MPI.ERRORS_RETURN)
+        MPI, comm = _world(
+            f"{api}: MPI was initialised without MPI_THREAD_MULTIPLE",
+            "Import mpi4py with mpi4py.rc.thread_level = 'multiple' (its default) or leave "
+            "it to jax_ddl.",
+        )
         rank, size = comm.Get_rank(), comm.Get_size()
         if (rank, size) != (jax.process_index(), jax.process_count()):
             raise RuntimeError(
