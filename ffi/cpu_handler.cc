@@ -815,12 +815,6 @@ ffi::Error ReadScalar(ffi::AnyBuffer buf, const char* what, int64_t* value) {
   return ffi::Error::Success();
 }
 
-uint64_t Fnv(std::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
-  return h;
-}
-
 // Instantiate stage: once per custom-call instruction when XLA compiles a program.
 ffi::ErrorOr<std::unique_ptr<Site>> InstantiateCpu(int32_t op, ffi::Span<const int64_t> dims,
                                                    int64_t timeout_ms, int64_t small_bytes,
@@ -840,14 +834,7 @@ ffi::ErrorOr<std::unique_ptr<Site>> InstantiateCpu(int32_t op, ffi::Span<const i
     return ffi::Unexpected(
         ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + error));
   }
-  SiteIdentity id;
-  id.module = module;
-  id.site = site;
-  id.module_name = std::string(name);
-  id.module_hash = Fnv(name);
-  // Lowered modules are told apart by name and number (the n-th of that name).
-  const uint64_t lowered = id.module_hash ^ (static_cast<uint64_t>(module) * 0x9e3779b97f4a7c15ull);
-  id.copy = NextCopy(static_cast<int64_t>(lowered), site);
+  SiteIdentity id = MakeIdentity(module, site, name);
   return std::make_unique<Site>(std::move(id), static_cast<Op>(op), std::move(grid), timeout_ms,
                                 small_bytes);
 }

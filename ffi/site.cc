@@ -2,7 +2,6 @@
 #include "site.h"
 
 #include <cstdio>
-#include <map>
 #include <utility>
 
 #include "mpi_transport.h"
@@ -10,7 +9,6 @@
 namespace jax_ddl {
 namespace {
 std::atomic<int64_t> g_live_sites{0};
-std::atomic<int64_t> g_next_serial{1};
 std::atomic<int64_t> g_site_bytes{0};
 
 int64_t Held(const std::vector<char>& buf) { return static_cast<int64_t>(buf.capacity()); }
@@ -44,7 +42,7 @@ xla::ffi::TypeId Site::id = {};
 Site::Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
            int64_t small_bytes)
     : identity_(std::move(identity)),
-      serial_(g_next_serial.fetch_add(1, std::memory_order_relaxed)),
+      serial_(NextSiteSerial()),
       op_(op),
       dims_(std::move(dims)),
       timeout_ms_(timeout_ms),
@@ -55,13 +53,6 @@ Site::Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t time
 Site::~Site() { g_live_sites.fetch_sub(1, std::memory_order_relaxed); }
 
 int64_t LiveSites() { return g_live_sites.load(std::memory_order_relaxed); }
-
-std::string FormatTimeout(int64_t timeout_ms) {
-  if (timeout_ms < 0) return "no limit";
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%g s", timeout_ms / 1000.0);
-  return buf;
-}
 
 bool Site::Prepare(std::string* error) {
   if (prepared_.load(std::memory_order_acquire)) return true;
@@ -93,10 +84,7 @@ bool Site::Prepare(std::string* error) {
       mode_ = Mode::kSpanning;  // e.g. a flat spec over the devices of several processes
     }
   }
-  context_ = "jax_ddl allreduce (call " + std::to_string(identity_.site);
-  if (identity_.copy > 0) context_ += " copy " + std::to_string(identity_.copy);
-  context_ += " of " + identity_.module_name + ", topology " + FormatTopology(dims_) +
-              ", timeout " + FormatTimeout(timeout_ms_) + ")";
+  context_ = SiteContext(identity_, dims_, timeout_ms_);
   prepared_.store(true, std::memory_order_release);
   return true;
 }
@@ -106,16 +94,6 @@ DeviceSite& Site::device(int64_t device) {
   if (device >= static_cast<int64_t>(devices_.size())) devices_.resize(device + 1);
   if (!devices_[device]) devices_[device] = std::make_unique<DeviceSite>();
   return *devices_[device];
-}
-
-int64_t NextCopy(int64_t module, int64_t site) {
-  thread_local int64_t current_module = -1;
-  thread_local std::map<int64_t, int64_t> copies;
-  if (module != current_module) {
-    current_module = module;
-    copies.clear();
-  }
-  return copies[site]++;
 }
 
 }  // namespace jax_ddl

@@ -12,20 +12,12 @@
 #include <string_view>
 #include <vector>
 
+#include "identity.h"
 #include "kernels.h"
 #include "topology.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_ddl {
-
-// Which call this is, in terms every process derives from the program alone.
-struct SiteIdentity {
-  int64_t module = 0;        // which lowered module of this name (0, 1, ...) in this process
-  int64_t site = 0;          // ordinal of the call in its module's lowering (1, 2, ...)
-  int64_t copy = 0;          // instance of a call lowered once and inlined several times
-  uint64_t module_hash = 0;  // of the module's name
-  std::string module_name;   // "jit_train_step", for messages
-};
 
 // How a site's plan maps onto processes (decided at its first execution).
 enum class Mode : int32_t {
@@ -113,16 +105,6 @@ class Site {
   std::string context_;  // "jax_ddl allreduce (call 3 of jit_step, topology 2x4, timeout 300 s)"
   std::vector<std::unique_ptr<DeviceSite>> devices_;
 };
-
-// The instance ordinal of a call lowered once but compiled into several instructions
-// (a jitted function called twice): XLA instantiates a program's instructions on the
-// compiling thread, in an order fixed by the program, so counting instantiations of
-// (module, site) while the thread stays on one lowered module (`module`: its name and
-// number) numbers the copies the same way in every process.
-int64_t NextCopy(int64_t module, int64_t site);
-
-// "3 s", "0.5 s", "no limit".
-std::string FormatTimeout(int64_t timeout_ms);
 
 // Live sites in this process (to check that memory follows the executables' lifetime).
 int64_t LiveSites();
