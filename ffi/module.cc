@@ -8,6 +8,9 @@
 #include <vector>
 
 #include "cpu_handler.h"
+#if JAX_DDL_HAVE_CUDA
+#include "cuda/cuda_handler.h"
+#endif
 #include "executor.h"
 #include "membw.h"
 #include "mpi_transport.h"
@@ -31,15 +34,34 @@ NB_MODULE(_ddl, m) {
     cpu["execute"] = Capsule(reinterpret_cast<void*>(jax_ddl::kAllreduceCpu));
     nb::dict d;
     d["cpu"] = cpu;
+#if JAX_DDL_HAVE_CUDA
+    nb::dict gpu;
+    gpu["instantiate"] = Capsule(reinterpret_cast<void*>(jax_ddl::kAllreduceCudaInstantiate));
+    gpu["execute"] = Capsule(reinterpret_cast<void*>(jax_ddl::kAllreduceCuda));
+    d["CUDA"] = gpu;
+#endif
     return d;
   });
-  // The FFI state type of a call site: must be registered before the handlers.
-  m.def("site_type", []() {
-    nb::dict d;
-    d["type_id"] = Capsule(&jax_ddl::Site::id);
-    d["type_info"] = Capsule(&kSiteTypeInfo);
-    return d;
-  });
+  // The FFI state type of a call site on `platform` (a key of registrations()): must be
+  // registered before the handlers.
+  m.def(
+      "site_type",
+      [](const std::string& platform) {
+        nb::dict d;
+#if JAX_DDL_HAVE_CUDA
+        if (platform == "CUDA") {
+          d["type_id"] = Capsule(jax_ddl::CudaSiteTypeId());
+          d["type_info"] = Capsule(jax_ddl::CudaSiteTypeInfo());
+          return d;
+        }
+#endif
+        if (platform != "cpu")
+          throw nb::value_error(("no handler for platform " + platform).c_str());
+        d["type_id"] = Capsule(&jax_ddl::Site::id);
+        d["type_info"] = Capsule(&kSiteTypeInfo);
+        return d;
+      },
+      nb::arg("platform") = "cpu");
   m.def("parse_topology", [](const std::string& spec) {
     std::vector<int64_t> dims;
     std::string error;
@@ -71,25 +93,40 @@ NB_MODULE(_ddl, m) {
     d["abandoned_requests"] = jax_ddl::MpiAbandonedRequests();
     return d;
   });
-  m.def("copy_bandwidth", &jax_ddl::CopyBandwidth, nb::arg("bytes_per_thread"),
-        nb::arg("threads"), nb::arg("iters"), nb::call_guard<nb::gil_scoped_release>());
+  m.def("copy_bandwidth", &jax_ddl::CopyBandwidth, nb::arg("bytes_per_thread"), nb::arg("threads"),
+        nb::arg("iters"), nb::call_guard<nb::gil_scoped_release>());
   m.def("mpi_compiled_in", &jax_ddl::MpiCompiledIn);
   m.def("mpi_attached", &jax_ddl::MpiAttached);
-  m.def("mpi_attach", [](const std::vector<int64_t>& comms, int64_t process, int64_t processes) {
-    std::string error;
-    if (!jax_ddl::MpiAttach(comms, process, processes, &error)) throw nb::value_error(error.c_str());
-  }, nb::arg("comm_handles"), nb::arg("process"), nb::arg("processes"));
+  m.def(
+      "mpi_attach",
+      [](const std::vector<int64_t>& comms, int64_t process, int64_t processes) {
+        std::string error;
+        if (!jax_ddl::MpiAttach(comms, process, processes, &error))
+          throw nb::value_error(error.c_str());
+      },
+      nb::arg("comm_handles"), nb::arg("process"), nb::arg("processes"));
   m.def("reset_counters", []() { jax_ddl::GetCounters().Reset(); });
-  m.def("set_fault", [](const std::string& kind, int64_t rank, int64_t ms, int64_t count) {
-    using jax_ddl::FaultKind;
-    FaultKind k;
-    if (kind == "none") k = FaultKind::kNone;
-    else if (kind == "skip") k = FaultKind::kSkip;
-    else if (kind == "lie") k = FaultKind::kLie;
-    else if (kind == "delay") k = FaultKind::kDelay;
-    else if (kind == "stall") k = FaultKind::kStall;
-    else if (kind == "short") k = FaultKind::kShort;
-    else throw nb::value_error("fault kind must be 'none', 'skip', 'lie', 'delay', 'stall' or 'short'");
-    jax_ddl::SetFault(k, rank, ms, count);
-  }, nb::arg("kind"), nb::arg("rank") = -1, nb::arg("ms") = 0, nb::arg("count") = -1);
+  m.def(
+      "set_fault",
+      [](const std::string& kind, int64_t rank, int64_t ms, int64_t count) {
+        using jax_ddl::FaultKind;
+        FaultKind k;
+        if (kind == "none")
+          k = FaultKind::kNone;
+        else if (kind == "skip")
+          k = FaultKind::kSkip;
+        else if (kind == "lie")
+          k = FaultKind::kLie;
+        else if (kind == "delay")
+          k = FaultKind::kDelay;
+        else if (kind == "stall")
+          k = FaultKind::kStall;
+        else if (kind == "short")
+          k = FaultKind::kShort;
+        else
+          throw nb::value_error(
+              "fault kind must be 'none', 'skip', 'lie', 'delay', 'stall' or 'short'");
+        jax_ddl::SetFault(k, rank, ms, count);
+      },
+      nb::arg("kind"), nb::arg("rank") = -1, nb::arg("ms") = 0, nb::arg("count") = -1);
 }

@@ -45,7 +45,8 @@ struct Member {
   char* const* inputs = nullptr;   // one pointer per buffer
   char* const* outputs = nullptr;  // one pointer per buffer
   char* inter = nullptr;           // contiguous accumulator scratch, or nullptr
-  char* staging = nullptr;         // contiguous copy of the inputs (small path)
+  char* staging = nullptr;         // contiguous copy of the inputs (small path; CUDA)
+  uint64_t* flags = nullptr;       // CUDA: the rank's device-side barrier flags
 };
 
 struct RendezvousKey {

@@ -2,14 +2,18 @@
 # The checks of the CUDA engine that need an NVIDIA GPU, in one run, from a clean tree:
 # build the kernels for this GPU, run their checks on the device (every dtype and op, the
 # plan's grids with P ranks as buffers on one GPU, a missing peer's timeout) and the
-# stage bandwidth against a device-to-device copy. Writes everything to the folder given
-# (default: gpu-results/) and prints a summary. Needs cmake and nvcc; no Python.
+# stage bandwidth against a device-to-device copy; then install jax_ddl against this
+# machine's jax and run the GPU tests (tests/test_gpu.py) and a short training run with
+# --allreduce ddl. Writes everything to the folder given (default: gpu-results/) and
+# prints a summary. Needs cmake, nvcc, and jax with its CUDA plugin, scikit-build-core and
+# nanobind installed for python3 (or $PYTHON).
 #
 #   bash tools/gpu_check.sh [OUT]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 status=0
 
 { nvidia-smi || true; nvcc --version; cmake --version; } >"$OUT/machine.txt" 2>&1
@@ -37,6 +41,26 @@ echo "== kernels on the GPU: checks and stage bandwidth"
 timeout 300 "$BUILD/cuda_check" --bench --bench-mib 256 2>&1 | tee "$OUT/cuda_check.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || status=1
+
+# The package against this machine's jax (its FFI headers), in a venv over the system's
+# packages (this machine may have no package index: no build isolation, no downloads).
+echo "== jax_ddl with the CUDA handler: GPU tests, a short training run"
+PY=${PYTHON:-python3}
+"$PY" -m venv --system-site-packages "$BUILD/venv" >"$OUT/install.txt" 2>&1
+if "$BUILD/venv/bin/pip" install --no-build-isolation --no-deps . >>"$OUT/install.txt" 2>&1; then
+  "$BUILD/venv/bin/python" -c "import jax, jax_ddl; print(jax.__version__, jax.devices(), jax_ddl.supported_platforms())" \
+    2>&1 | tee -a "$OUT/install.txt"
+  (cd tests && timeout 600 "$BUILD/venv/bin/python" -m pytest -q -p no:cacheprovider test_gpu.py) \
+    2>&1 | tee "$OUT/test_gpu.txt" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  timeout 600 "$BUILD/venv/bin/python" examples/train.py --allreduce ddl --epochs 1 \
+    --out-dir "$OUT/train-ddl" --no-progress 2>&1 | tee "$OUT/train-ddl.txt" | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  tail -30 "$OUT/install.txt"
+  echo "gpu_check: installing jax_ddl failed (see $OUT/install.txt)"
+  status=1
+fi
 
 {
   echo "gpu_check: $( [ $status -eq 0 ] && echo passed || echo FAILED )"

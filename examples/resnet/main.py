@@ -238,7 +238,8 @@ def plan(args) -> Run:
             f"multiple of {n_dev} (e.g. {lo} or {lo + n_dev})"
         )
     platform = devices[0].platform
-    if args.allreduce == "ddl" and platform not in jax_ddl.supported_platforms():
+    handler = "cuda" if platform == "gpu" else platform  # jax's GPU devices: CUDA (or ROCm)
+    if args.allreduce == "ddl" and handler not in jax_ddl.supported_platforms():
         raise UsageError(
             f"jax_ddl has no allreduce handler for {platform} devices yet (it has: "
             f"{', '.join(jax_ddl.supported_platforms())}); use --allreduce lax, or run on "

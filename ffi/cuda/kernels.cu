@@ -148,7 +148,44 @@ int Gather(const GatherArgs& a, cudaStream_t stream, int sm_count) {
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename Kernel>
+int Load(Kernel kernel) {
+  cudaFuncAttributes attributes;
+  return static_cast<int>(cudaFuncGetAttributes(&attributes, kernel));
+}
+
+template <Op kOp, typename T>
+int LoadOp() {
+  using A = typename AccumOf<T>::type;
+  int e = 0;
+  for (int r : {Load(PassKernel<kOp, A, T, A, true>), Load(PassKernel<kOp, A, T, A, false>),
+                Load(PassKernel<kOp, A, A, A, true>), Load(PassKernel<kOp, A, A, A, false>)}) {
+    if (e == 0) e = r;
+  }
+  return e;
+}
+
+template <typename T>
+int LoadType() {
+  using A = typename AccumOf<T>::type;
+  int e = 0;
+  for (int r : {LoadOp<Op::kSum, T>(), LoadOp<Op::kMax, T>(), LoadOp<Op::kMin, T>(),
+                Load(GatherKernel<A, T, true>), Load(GatherKernel<A, T, false>)}) {
+    if (e == 0) e = r;
+  }
+  return e;
+}
+
 }  // namespace
+
+int PreloadKernels() {
+  int e = 0;
+  for (int r : {LoadType<float>(), LoadType<double>(), LoadType<bf16_t>(), LoadType<f16_t>(),
+                LoadType<int32_t>(), LoadType<int64_t>(), Load(BarrierKernel)}) {
+    if (e == 0) e = r;
+  }
+  return e;
+}
 
 int LaunchPass(Elem elem, Op op, PassKind kind, const PassArgs& args, void* stream, int sm_count) {
   if (args.k < 1 || args.k > kMaxGroup) return static_cast<int>(cudaErrorInvalidValue);

@@ -69,5 +69,10 @@ int LaunchPass(Elem elem, Op op, PassKind kind, const PassArgs& args, void* stre
 int LaunchGather(Elem elem, const GatherArgs& args, void* stream, int sm_count);
 int LaunchBarrier(const BarrierArgs& args, void* stream);
 
+// Loads every kernel on the current device now. A kernel loaded lazily at its first launch
+// may wait for the device to go idle, which cannot happen while a barrier spins there for
+// a peer. Returns the first cudaError_t as an int (0: success).
+int PreloadKernels();
+
 }  // namespace cuda
 }  // namespace jax_ddl

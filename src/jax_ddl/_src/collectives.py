@@ -33,7 +33,8 @@ DEFAULT_SMALL_BYTES = 16 * 1024
 for _platform, _stages in _ddl.registrations().items():
     # Each call site's state (identity, scratch) lives in an FFI state that XLA creates
     # per compiled instruction and frees with the executable.
-    compat.register_state_type("jax_ddl_site", _ddl.site_type(), _platform)
+    _name = "jax_ddl_site" if _platform == "cpu" else f"jax_ddl_site_{_platform.lower()}"
+    compat.register_state_type(_name, _ddl.site_type(_platform), _platform)
     jax.ffi.register_ffi_target(TARGET, _stages, platform=_platform)
 
 
@@ -161,16 +162,20 @@ def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, inplace, vm
 
 
 def _unsupported_platform(ctx, *args, **params):
+    have = " and ".join(sorted(p.upper() for p in _ddl.registrations()))
     raise NotImplementedError(
-        "jax_ddl has an allreduce handler for the CPU platform only so far; on this "
-        "platform use jax.lax.psum, or run on CPU devices."
+        f"jax_ddl has an allreduce handler for {have} in this build; on this platform use "
+        "jax.lax.psum (a CUDA handler is built when nvcc is found at install time)."
     )
 
 
 compat.mlir.register_lowering(allreduce_p, _unsupported_platform)
 # Not cacheable: jax would lower identical calls once, as calls of one function, which
 # XLA inlines into several instructions of one site number.
-compat.mlir.register_lowering(allreduce_p, _lowering, platform="cpu", cacheable=False)
+for _platform in _ddl.registrations():
+    compat.mlir.register_lowering(
+        allreduce_p, _lowering, platform=_platform.lower(), cacheable=False
+    )
 
 
 def _bind(rank, group, xs, **params):
@@ -472,8 +477,8 @@ def pmin(x, axis_name, *, topology=None, axis_index_groups=None):
 
 
 def supported_platforms() -> tuple:
-    """Platforms ("cpu", ...) for which jax_ddl has an allreduce handler."""
-    return tuple(sorted(_ddl.registrations()))
+    """Platforms ("cpu", "cuda") for which this build of jax_ddl has an allreduce handler."""
+    return tuple(sorted(p.lower() for p in _ddl.registrations()))
 
 
 def counters() -> dict:
