@@ -343,3 +343,23 @@ def test_concurrent_executions_from_several_threads():
 
     with ThreadPoolExecutor(3) as pool:
         assert sorted(pool.map(work, (1, 2, 3))) == [1, 2, 3]
+
+
+def test_single_rank_reductions_go_to_lax_unless_the_test_switch_is_set(monkeypatch):
+    """Over one rank jax_ddl hands the reduction to jax.lax (XLA removes it, as it does
+    lax.psum over one device); JAX_DDL_TEST_SINGLE_RANK_CALLS=1 sends it through the
+    handler instead, which is how a one-GPU machine exercises the CUDA handler."""
+    mesh = mesh_of((1,), ("i",))
+    x = jnp.arange(12.0).reshape(1, 12)
+
+    def run():
+        f = jax.jit(
+            jax.shard_map(lambda v: jax_ddl.psum(v, "i"), mesh=mesh, in_specs=P("i"), out_specs=P())
+        )
+        before = jax_ddl.counters()["calls"]
+        np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(x))
+        return jax_ddl.counters()["calls"] - before
+
+    assert run() == 0
+    monkeypatch.setenv("JAX_DDL_TEST_SINGLE_RANK_CALLS", "1")
+    assert run() == 1

@@ -9,6 +9,9 @@
 # nanobind installed for python3 (or $PYTHON).
 #
 #   bash tools/gpu_check.sh [OUT]
+#
+# Budget: two builds for one architecture, then at most 150 + 180 + 150 s of checks, so
+# the whole run fits in under 8 minutes on a 16-core machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
@@ -38,7 +41,7 @@ echo "== host tests (planner, host kernels, the CUDA stage schedule on the host)
 ctest --test-dir "$BUILD" --output-on-failure -E cuda_check 2>&1 | tee "$OUT/ctest.txt" || status=1
 
 echo "== kernels on the GPU: checks and stage bandwidth"
-timeout 300 "$BUILD/cuda_check" --bench --bench-mib 256 2>&1 | tee "$OUT/cuda_check.txt"
+timeout 150 "$BUILD/cuda_check" --bench --bench-mib 256 2>&1 | tee "$OUT/cuda_check.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || status=1
 
@@ -47,13 +50,23 @@ rc=${PIPESTATUS[0]}
 echo "== jax_ddl with the CUDA handler: GPU tests, a short training run"
 PY=${PYTHON:-python3}
 "$PY" -m venv --system-site-packages "$BUILD/venv" >"$OUT/install.txt" 2>&1
-if "$BUILD/venv/bin/pip" install --no-build-isolation --no-deps . >>"$OUT/install.txt" 2>&1; then
-  "$BUILD/venv/bin/python" -c "import jax, jax_ddl; print(jax.__version__, jax.devices(), jax_ddl.supported_platforms())" \
-    2>&1 | tee -a "$OUT/install.txt"
-  (cd tests && timeout 600 "$BUILD/venv/bin/python" -m pytest -q -p no:cacheprovider test_gpu.py) \
+if "$BUILD/venv/bin/pip" install --no-build-isolation --no-deps \
+    -Ccmake.define.JAX_DDL_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" \
+    . >>"$OUT/install.txt" 2>&1; then
+  # The GPU backend and the CUDA handler must both be there, or nothing below tests them.
+  if ! "$BUILD/venv/bin/python" -c "
+import jax, jax_ddl
+print(jax.__version__, jax.devices(), jax_ddl.supported_platforms())
+assert jax.default_backend() == 'gpu', 'no GPU backend in jax'
+assert 'cuda' in jax_ddl.supported_platforms(), 'jax_ddl built without its CUDA handler'
+" 2>&1 | tee -a "$OUT/install.txt"; then
+    status=1
+  fi
+  (cd tests && timeout 180 "$BUILD/venv/bin/python" -m pytest -q -rs -p no:cacheprovider test_gpu.py) \
     2>&1 | tee "$OUT/test_gpu.txt" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 600 "$BUILD/venv/bin/python" examples/train.py --allreduce ddl --epochs 1 \
+  grep -qE "[0-9]+ passed" "$OUT/test_gpu.txt" || { echo "gpu_check: no GPU test ran"; status=1; }
+  timeout 150 "$BUILD/venv/bin/python" examples/train.py --allreduce ddl --epochs 1 \
     --out-dir "$OUT/train-ddl" --no-progress 2>&1 | tee "$OUT/train-ddl.txt" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else

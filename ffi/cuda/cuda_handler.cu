@@ -7,9 +7,9 @@
 //    this GPU, so every stage reads jax_ddl's own buffers (the same kernels serve CUDA IPC
 //    between processes, where XLA's buffers cannot be shared);
 // 2. the ranks meet on the host, matched by call identity as on CPU (rendezvous.h): they
-//    agree on count, dtype and op and publish their staging and flag addresses; a rank
-//    that never arrives fails the others within JAX_DDL_TIMEOUT, naming it. No data is
-//    waited for on the host;
+//    agree on count, dtype and op, publish their staging and flag addresses and check peer
+//    access (all or none go on); a rank that never arrives fails the others within
+//    JAX_DDL_TIMEOUT, naming it. No data is waited for on the host;
 // 3. each rank enqueues its schedule on its stream and returns; the device barriers order
 //    the GPUs. A barrier that times out on the device (a GPU that stopped) records which
 //    member never signalled; the site's next call reports it and the site fails from then
@@ -72,6 +72,14 @@ struct CudaDevice {
   BarrierError* error_dev = nullptr;
   int64_t steps_count = -1;
   std::vector<Step> steps;
+  // Per call, kept so a warm call allocates nothing: the buffers, and what the members
+  // published.
+  std::vector<const char*> inputs;
+  std::vector<char*> outputs;
+  std::vector<int64_t> offsets;
+  std::vector<const char*> peer_in, peer_acc;
+  std::vector<uint64_t*> peer_flags;
+  std::vector<int> peer_device;
 
   ~CudaDevice() {
     if (ordinal < 0) return;
@@ -173,13 +181,15 @@ bool EnablePeer(int me, int peer, std::string* error) {
 }
 
 // Grows a device buffer. Its old contents are dropped: only this GPU's earlier calls could
-// still use it (peers read it only inside a call, which this GPU's stream completes), so
-// the stream is synchronised first.
-bool Ensure(char** p, size_t* have, size_t need, cudaStream_t stream, std::string* error) {
+// still use it (peers read it only inside a call, whose last barrier this GPU's stream
+// passes after them), so the stream is synchronised first. After a device barrier timed
+// out, a late peer may still read it: then it is left allocated rather than freed.
+bool Ensure(char** p, size_t* have, size_t need, cudaStream_t stream, const BarrierError* err,
+            std::string* error) {
   if (*have >= need) return true;
   if (*p) {
-    cudaStreamSynchronize(stream);
-    cudaFree(*p);
+    const cudaError_t e = cudaStreamSynchronize(stream);
+    if (e == cudaSuccess && !(err && err->failed)) cudaFree(*p);
     *p = nullptr;
     *have = 0;
   }
@@ -241,7 +251,9 @@ bool ElemOf(ffi::DataType t, cuda::Elem* elem, int64_t* acc_bytes) {
 
 // Reads the rank and group operands (int32 scalars on the GPU) once: an executable's
 // devices, and so each device's rank at a site, never change. This first call waits for
-// the stream; later calls do not.
+// the stream; later calls do not. With several ranks it also sets up the barrier flags,
+// the pinned record of a barrier timeout, and loads every kernel (a kernel loaded lazily
+// could wait behind a spinning barrier).
 ffi::Error Place(CudaSite* site, CudaDevice& d, cudaStream_t stream, ffi::AnyBuffer rank_buf,
                  ffi::AnyBuffer group_buf) {
   for (auto [buf, what] : {std::pair{&rank_buf, "rank"}, std::pair{&group_buf, "group"}}) {
@@ -250,6 +262,7 @@ ffi::Error Place(CudaSite* site, CudaDevice& d, cudaStream_t stream, ffi::AnyBuf
                   std::string("jax_ddl_allreduce: operand '") + what + "' must be an int32 scalar");
     }
   }
+  const Plan& plan = site->plan();
   int32_t values[2] = {0, 0};
   cudaError_t e =
       cudaMemcpyAsync(&values[0], rank_buf.untyped_data(), 4, cudaMemcpyDeviceToHost, stream);
@@ -257,35 +270,39 @@ ffi::Error Place(CudaSite* site, CudaDevice& d, cudaStream_t stream, ffi::AnyBuf
     e = cudaMemcpyAsync(&values[1], group_buf.untyped_data(), 4, cudaMemcpyDeviceToHost, stream);
   }
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-  if (e == cudaSuccess) e = cudaMalloc(&d.flags, cuda::kMaxLocalRanks * sizeof(uint64_t));
-  if (e == cudaSuccess) e = cudaMemset(d.flags, 0, cuda::kMaxLocalRanks * sizeof(uint64_t));
-  if (e == cudaSuccess) {
-    e = cudaHostAlloc(&d.error_host, sizeof(BarrierError), cudaHostAllocMapped);
-  }
-  if (e == cudaSuccess) {
-    std::memset(d.error_host, 0, sizeof(BarrierError));
-    e = cudaHostGetDevicePointer(&d.error_dev, d.error_host, 0);
-  }
-  if (e == cudaSuccess)
-    e = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.ordinal);
-  if (e == cudaSuccess) e = static_cast<cudaError_t>(cuda::PreloadKernels());
-  if (e == cudaSuccess) e = cudaDeviceSynchronize();  // the flags are zero before any use
-  if (e != cudaSuccess) {
+  auto failed = [&](cudaError_t e) {
+    if (d.flags) cudaFree(d.flags);
+    if (d.error_host) cudaFreeHost(d.error_host);
+    d.flags = nullptr, d.error_host = nullptr, d.error_dev = nullptr;
     return Fail(ffi::ErrorCode::kInternal, site->context() + ": setting up GPU " +
                                                std::to_string(d.ordinal) + ": " + CudaText(e));
-  }
-  const Plan& plan = site->plan();
+  };
+  if (e != cudaSuccess) return failed(e);
   if (values[0] < 0 || values[0] >= plan.num_ranks()) {
     return Fail(ffi::ErrorCode::kInvalidArgument,
                 "jax_ddl_allreduce: rank " + std::to_string(values[0]) + " is outside topology " +
                     FormatTopology(plan.dims()) + " of " + std::to_string(plan.num_ranks()) +
                     " ranks");
   }
-  // Peer access to every other GPU this process sees (the rendezvous says which it needs).
-  int count = 0;
-  cudaGetDeviceCount(&count);
-  std::string ignored;
-  for (int peer = 0; peer < count; ++peer) EnablePeer(d.ordinal, peer, &ignored);
+  if (plan.num_ranks() > 1) {
+    e = cudaMalloc(&d.flags, cuda::kMaxLocalRanks * sizeof(uint64_t));
+    if (e == cudaSuccess) {
+      e = cudaMemsetAsync(d.flags, 0, cuda::kMaxLocalRanks * sizeof(uint64_t), stream);
+    }
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream);  // zero before a peer signals
+    if (e == cudaSuccess) {
+      e = cudaHostAlloc(&d.error_host, sizeof(BarrierError), cudaHostAllocMapped);
+    }
+    if (e == cudaSuccess) {
+      std::memset(d.error_host, 0, sizeof(BarrierError));
+      e = cudaHostGetDevicePointer(&d.error_dev, d.error_host, 0);
+    }
+    if (e == cudaSuccess) {
+      e = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.ordinal);
+    }
+    if (e == cudaSuccess) e = static_cast<cudaError_t>(cuda::PreloadKernels());
+    if (e != cudaSuccess) return failed(e);
+  }
   d.rank = values[0];
   d.group = values[1];
   d.placed = true;
@@ -348,6 +365,12 @@ ffi::Error AllreduceCuda(cudaStream_t stream, ffi::RunId run_id, int32_t ordinal
   const auto start = Clock::now();
   std::string message;
   if (site->Broken(&message)) return Fail(ffi::ErrorCode::kFailedPrecondition, message);
+  // The CUDA device is the stream's (XLA's device ordinal is a logical one, which may
+  // differ); the runtime calls below go to it.
+  int device = ordinal;
+  if (cudaStreamGetDevice(stream, &device) != cudaSuccess) device = ordinal;
+  (void)cudaGetLastError();
+  ordinal = device;
   if (cudaError_t e = cudaSetDevice(ordinal); e != cudaSuccess) {
     return Fail(ffi::ErrorCode::kInternal, site->context() + ": " + CudaText(e));
   }
@@ -364,7 +387,7 @@ ffi::Error AllreduceCuda(cudaStream_t stream, ffi::RunId run_id, int32_t ordinal
   if (!d.placed) {
     if (auto e = Place(site, d, stream, rank_buf, group_buf); e.failure()) return e;
   }
-  if (d.error_host->failed) {
+  if (d.error_host && d.error_host->failed) {
     message = BarrierFailure(site, d);
     site->Break(message);
     return Fail(ffi::ErrorCode::kDeadlineExceeded, message);
@@ -376,9 +399,12 @@ ffi::Error AllreduceCuda(cudaStream_t stream, ffi::RunId run_id, int32_t ordinal
     return Fail(ffi::ErrorCode::kInvalidArgument,
                 "jax_ddl_allreduce: expected one result per operand and at least one operand");
   }
-  std::vector<const char*> inputs(n);
-  std::vector<char*> outputs(n);
-  std::vector<int64_t> offsets(n + 1, 0);
+  std::vector<const char*>& inputs = d.inputs;
+  std::vector<char*>& outputs = d.outputs;
+  std::vector<int64_t>& offsets = d.offsets;
+  inputs.resize(n);
+  outputs.resize(n);
+  offsets.assign(n + 1, 0);
   ffi::DataType dtype = ffi::DataType::INVALID;
   uint64_t hash = 1469598103934665603ull;
   for (size_t i = 0; i < n; ++i) {
@@ -434,9 +460,9 @@ ffi::Error AllreduceCuda(cudaStream_t stream, ffi::RunId run_id, int32_t ordinal
 
   // 1. Staging, and the inputs into it.
   std::string error;
-  if (!Ensure(&d.in, &d.in_bytes, count * es, stream, &error) ||
-      !Ensure(&d.acc, &d.acc_bytes, count * acc_size, stream, &error) ||
-      (n > 1 && !Ensure(&d.out, &d.out_bytes, count * es, stream, &error))) {
+  if (!Ensure(&d.in, &d.in_bytes, count * es, stream, d.error_host, &error) ||
+      !Ensure(&d.acc, &d.acc_bytes, count * acc_size, stream, d.error_host, &error) ||
+      (n > 1 && !Ensure(&d.out, &d.out_bytes, count * es, stream, d.error_host, &error))) {
     return Fail(ffi::ErrorCode::kResourceExhausted,
                 site->context() + ": GPU " + std::to_string(ordinal) + ": " + error);
   }
@@ -476,29 +502,41 @@ ffi::Error AllreduceCuda(cudaStream_t stream, ffi::RunId run_id, int32_t ordinal
   me.staging = d.in;
   me.inter = d.acc;
   me.flags = d.flags;
-  if (!r->Arrive(d.rank, me, deadline, &failure)) {
-    Registry::Get().Leave(r, d.rank, Clock::now(), &failure);
+  auto failed = [&](Failure& f) {
     return Fail(
-        failure.deadline ? ffi::ErrorCode::kDeadlineExceeded : ffi::ErrorCode::kFailedPrecondition,
-        failure.message);
+        f.deadline ? ffi::ErrorCode::kDeadlineExceeded : ffi::ErrorCode::kFailedPrecondition,
+        f.message);
+  };
+  if (!r->Arrive(d.rank, me, deadline, &failure)) {
+    Registry::Get().Leave(r, d.rank, Clock::now());
+    return failed(failure);
   }
   const int64_t ranks = plan.num_ranks();
-  std::vector<const char*> peer_in(ranks), peer_acc(ranks);
-  std::vector<uint64_t*> peer_flags(ranks);
-  std::vector<int> peer_device(ranks);
+  std::vector<const char*>&peer_in = d.peer_in, &peer_acc = d.peer_acc;
+  std::vector<uint64_t*>& peer_flags = d.peer_flags;
+  std::vector<int>& peer_device = d.peer_device;
+  peer_in.resize(ranks), peer_acc.resize(ranks), peer_flags.resize(ranks);
+  peer_device.resize(ranks);
   for (int64_t q = 0; q < ranks; ++q) {
     const Member& m = r->member(q);
     peer_in[q] = m.staging, peer_acc[q] = m.inter, peer_flags[q] = m.flags;
     peer_device[q] = static_cast<int>(m.device);
   }
-  Registry::Get().Leave(r, d.rank, Clock::now());
-  for (int64_t q = 0; q < ranks; ++q) {
-    if (!EnablePeer(ordinal, peer_device[q], &error)) {
-      message = site->context() + ": " + error;
-      site->Break(message);
-      return Fail(ffi::ErrorCode::kFailedPrecondition, message);
-    }
+  // Every rank can read its group members' memory, or none enqueues anything: a rank that
+  // returned here after the others had queued their barriers would leave them spinning.
+  for (int64_t q = 0; q < ranks && error.empty(); ++q) EnablePeer(ordinal, peer_device[q], &error);
+  if (!error.empty()) {
+    failure = Failure{false, false, site->context() + ": " + error};
+    site->Break(failure.message);
+    Registry::Get().Fail(r, d.rank, &failure, Clock::now());
+    return failed(failure);
   }
+  if (!r->Barrier(d.rank, 1, "peer access", deadline, &failure)) {
+    site->Break(failure.message);
+    Registry::Get().Leave(r, d.rank, Clock::now());
+    return failed(failure);
+  }
+  Registry::Get().Leave(r, d.rank, Clock::now());
 
   // 3. The schedule on this GPU's stream.
   if (d.steps_count != count) {

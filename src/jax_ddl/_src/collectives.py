@@ -38,6 +38,13 @@ for _platform, _stages in _ddl.registrations().items():
     jax.ffi.register_ffi_target(TARGET, _stages, platform=_platform)
 
 
+def _single_rank_calls() -> bool:
+    """Test-only (JAX_DDL_TEST_SINGLE_RANK_CALLS=1): reductions over one rank go through the
+    handler too, instead of jax.lax (which XLA removes), so a machine with one GPU can
+    exercise the CUDA handler's binding and copy path."""
+    return os.environ.get("JAX_DDL_TEST_SINGLE_RANK_CALLS") == "1"
+
+
 MAX_TIMEOUT_S = 1e7  # about 115 days: longer is a typo, and would overflow the deadline
 
 
@@ -353,7 +360,7 @@ def allreduce(
     for i, leaf, _ in mine:
         if not compat.is_tracer(leaf):  # a constant: every rank holds the same value
             out[i] = leaf * size if op == "sum" else leaf
-        elif leaf.size == 0 or size == 1:
+        elif leaf.size == 0 or (size == 1 and not _single_rank_calls()):
             out[i] = lax_reduce(leaf, mesh_axes)
         else:
             if vma:
