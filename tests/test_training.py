@@ -22,6 +22,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+from jax_ddl._src.buckets import DEFAULT_FIRST_BUCKET_BYTES, plan_buckets  # noqa: E402
 from resnet import input_pipeline as data  # noqa: E402
 from resnet import models  # noqa: E402
 from resnet import train as training  # noqa: E402
@@ -162,7 +163,7 @@ def test_label_smoothing_matches_the_formula():
 # The train step: jax_ddl against jax.lax
 
 
-def _setup(allreduce, steps, seed=0, topology=None):
+def _setup(allreduce, steps, seed=0, topology=None, bucket_bytes=0):
     mesh = training.global_mesh()
     src = data.DigitsSource("train", 8)
     model = models.create_model("resnet18", num_classes=10, width=4)
@@ -170,13 +171,19 @@ def _setup(allreduce, steps, seed=0, topology=None):
     tx = recipe.optimizer()
     state = training.replicate(training.create_state(model, tx, (8, 8, 1), seed), mesh)
     step = training.make_train_step(
-        model, tx, mesh, allreduce=allreduce, num_classes=10, topology=topology
+        model,
+        tx,
+        mesh,
+        allreduce=allreduce,
+        num_classes=10,
+        topology=topology,
+        bucket_bytes=bucket_bytes,
     )
     return mesh, src, state, step
 
 
-def _train(allreduce, steps, topology=None):
-    mesh, src, state, step = _setup(allreduce, steps, topology=topology)
+def _train(allreduce, steps, topology=None, bucket_bytes=0):
+    mesh, src, state, step = _setup(allreduce, steps, topology=topology, bucket_bytes=bucket_bytes)
     losses = []
     for s in range(steps):
         idx = data.train_indices(len(src), 64, 0, s)
@@ -215,6 +222,31 @@ def test_ddl_and_lax_train_to_the_same_losses_and_parameters(lax_run, topology):
     ):
         np.testing.assert_allclose(d, lx, rtol=1e-4, atol=2e-5)
     assert int(ddl_state.step) == STEPS
+
+
+@pytest.mark.parametrize("topology", ["2x2x2"])  # measured: the flat plan is equal too
+def test_gradient_buckets_train_exactly_as_one_call_after_the_backward_pass(topology):
+    """ResNet-18 for 3 steps with gradients reduced in 16 KiB buckets inside the backward
+    pass, against one jax_ddl call after it: the same losses and parameters, bit for bit
+    (every element is reduced in the plan's order whichever call carries it)."""
+    one_losses, one_state = _train("ddl", 3, topology)
+    mesh, src, state, step = _setup("ddl", 3, topology=topology, bucket_bytes=16 << 10)
+    batch = training.shard_batch(mesh, *src.load(np.arange(64), 0, True))
+    # One call per bucket (all float32), and one for BatchNorm statistics and metrics.
+    buckets = plan_buckets(state.params, 16 << 10, DEFAULT_FIRST_BUCKET_BYTES)
+    assert len(buckets) > 4
+    assert step.lower(state, *batch).as_text().count("custom_call @jax_ddl_allreduce") == (
+        len(buckets) + 1
+    )
+    b_losses, b_state = _train("ddl", 3, topology, bucket_bytes=16 << 10)
+    assert b_losses == one_losses
+    for (path, b), o in zip(
+        jax.tree_util.tree_leaves_with_path(b_state.params),
+        jax.tree_util.tree_leaves(one_state.params),
+    ):
+        np.testing.assert_array_equal(b, o, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="buckets need allreduce='ddl'"):
+        _setup("lax", 1, bucket_bytes=1 << 20)
 
 
 def test_train_step_reduces_through_one_jax_ddl_call_and_lax_mode_through_none():
@@ -406,6 +438,8 @@ def test_folder_errors_name_the_problem(tmp_path):
         (["--data-dir", "/nonexistent/imagenet"], "'/nonexistent/imagenet' is not a folder"),
         (["--resume"], "--resume needs --checkpoint-dir"),
         (["--allreduce", "lax", "--topology", "4x2"], "--topology applies to --allreduce ddl"),
+        (["--allreduce", "lax", "--buckets", "4"], "--buckets applies to --allreduce ddl"),
+        (["--buckets", "-1"], "--buckets must be >= 0 MiB"),
         (["--image-size", "2"], "--image-size must be >= 4"),
     ],
 )

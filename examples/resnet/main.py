@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="jax_ddl grid, e.g. 4x2 (default: JAX_DDL_TOPOLOGY or automatic)",
     )
     g.add_argument(
+        "--buckets",
+        type=float,
+        default=0.0,
+        metavar="MB",
+        help="reduce gradients in buckets of MB MiB inside the backward pass "
+        "(jax_ddl.sync_gradients); 0: one call after it [0]",
+    )
+    g.add_argument(
         "--distributed",
         default="auto",
         choices=("auto", "on", "off"),
@@ -271,6 +279,10 @@ def plan(args) -> Run:
         raise UsageError(f"--lr must be positive; got {args.lr}")
     if args.topology is not None and args.allreduce != "ddl":
         raise UsageError("--topology applies to --allreduce ddl only")
+    if args.buckets < 0:
+        raise UsageError(f"--buckets must be >= 0 MiB; got {args.buckets:g}")
+    if args.buckets > 0 and args.allreduce != "ddl":
+        raise UsageError("--buckets applies to --allreduce ddl only (jax_ddl.sync_gradients)")
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir (where the checkpoints are)")
     if args.metrics_every < 1:
@@ -415,6 +427,7 @@ def train(run: Run) -> dict:
         num_classes=run.train_source.num_classes,
         label_smoothing=recipe.label_smoothing,
         topology=args.topology,
+        bucket_bytes=int(args.buckets * 2**20),
     )
     eval_step = (
         training.make_eval_step(run.model, mesh, num_classes=run.eval_source.num_classes)

@@ -134,24 +134,35 @@ def make_train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     topology=None,
+    bucket_bytes: int = 0,
 ):
     """jit(shard_map(step)): (state, images, labels) -> (state, {loss, accuracy}).
 
     `state` is replicated, `images`/`labels` are sharded over the devices along their first
     dimension. The state argument is donated. `topology` goes to jax_ddl.pmean.
+    `bucket_bytes` > 0 (jax_ddl only): gradients are averaged inside the backward pass in
+    buckets of that size (jax_ddl.sync_gradients); 0: one call after the backward pass.
     """
     if allreduce not in ALLREDUCES:
         raise ValueError(f"--allreduce must be one of {sorted(ALLREDUCES)}; got {allreduce!r}")
+    if bucket_bytes > 0 and allreduce != "ddl":
+        raise ValueError("gradient buckets need allreduce='ddl' (jax_ddl.sync_gradients)")
     pmean = ALLREDUCES[allreduce]
     if topology is not None:
         pmean = functools.partial(pmean, topology=topology)
 
     def step(state: TrainState, images, labels):
         # Differentiate per-device copies: with invariant parameters, grad would insert
-        # its own psum over the devices before ours.
-        params = jax.lax.pcast(state.params, AXIS, to="varying")
+        # its own psum over the devices before ours. (sync_gradients makes them so itself.)
+        params = state.params
+        if bucket_bytes <= 0:
+            params = jax.lax.pcast(params, AXIS, to="varying")
 
         def loss_fn(params):
+            if bucket_bytes > 0:
+                params = jax_ddl.sync_gradients(
+                    params, AXIS, bucket_bytes=bucket_bytes, topology=topology
+                )
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 images,
@@ -164,8 +175,12 @@ def make_train_step(
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
-        # The allreduce seam: one call averages gradients, BatchNorm statistics and metrics.
-        grads, batch_stats, loss, accuracy = pmean((grads, batch_stats, loss, accuracy), AXIS)
+        # The allreduce seam: one call averages gradients, BatchNorm statistics and metrics
+        # (with buckets the gradients were averaged in the backward pass already).
+        if bucket_bytes > 0:
+            batch_stats, loss, accuracy = pmean((batch_stats, loss, accuracy), AXIS)
+        else:
+            grads, batch_stats, loss, accuracy = pmean((grads, batch_stats, loss, accuracy), AXIS)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = TrainState(

@@ -1,5 +1,6 @@
 """jax_ddl: IBM DDL's topology-aware allreduce for JAX, as an XLA FFI custom call."""
 
+from jax_ddl._src.buckets import sync_gradients
 from jax_ddl._src.collectives import (
     counters,
     pmax,
@@ -10,5 +11,14 @@ from jax_ddl._src.collectives import (
     supported_platforms,
 )
 
-__all__ = ["psum", "pmean", "pmax", "pmin", "counters", "reset_counters", "supported_platforms"]
+__all__ = [
+    "psum",
+    "pmean",
+    "pmax",
+    "pmin",
+    "sync_gradients",
+    "counters",
+    "reset_counters",
+    "supported_platforms",
+]
 __version__ = "0.1.0"
