@@ -1,9 +1,12 @@
 """Side-by-side train-step benchmark: jax_ddl.pmean against jax.lax.pmean.
 
-Both train steps are compiled from the same model and state and run alternately (ddl, lax,
-ddl, lax, ...) on the same batch, so machine noise falls on both alike. Reports the median
-step time, images/s, and for jax_ddl the time its handler spent per step (from its
-counters: waiting for every device to arrive, reduce-scatter, broadcast), all per device.
+The train steps (--modes: ddl, lax, ddl-buckets for jax_ddl.sync_gradients with
+--buckets MB, none for the same step with no reduction at all) are compiled from the same
+model and state and run alternately on the same batch, so machine noise falls on all
+alike. Reports the median step time, images/s, and for jax_ddl the time its handler spent
+per step (from its counters: waiting for every device to arrive, reduce-scatter,
+broadcast), all per device. With `none` among the modes it also reports each mode's
+exposed communication: its step time minus that of `none`.
 
     python examples/bench_train.py --model resnet50 --image-size 32 --batch-size 256
 """
@@ -38,6 +41,12 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per allreduce")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per allreduce")
     p.add_argument("--host-devices", type=int, default=8)
+    p.add_argument(
+        "--modes",
+        default="ddl,lax",
+        help="comma-separated: ddl, lax, ddl-buckets, none (no reduction: the baseline)",
+    )
+    p.add_argument("--buckets", type=float, default=4.0, metavar="MB", help="for ddl-buckets")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -64,14 +73,30 @@ def main(argv=None) -> int:
     host_state = jax.device_get(training.create_state(model, tx, src.image_shape, 0))
     rows = data.process_rows(args.batch_size, jax.process_index(), jax.process_count())
     batch = training.shard_batch(mesh, *src.load(np.arange(args.batch_size)[rows], 0, True))
-    modes = ("ddl", "lax")
+    modes = tuple(args.modes.split(","))
+    known = ("ddl", "lax", "ddl-buckets", training.NO_REDUCTION)
+    if not modes or any(m not in known for m in modes) or len(set(modes)) != len(modes):
+        print(
+            f"bench_train.py: error: --modes {args.modes!r}: use distinct names from "
+            f"{', '.join(known)}",
+            file=sys.stderr,
+        )
+        return 2
     steps = {
-        m: training.make_train_step(model, tx, mesh, allreduce=m, num_classes=args.num_classes)
+        m: training.make_train_step(
+            model,
+            tx,
+            mesh,
+            allreduce="ddl" if m == "ddl-buckets" else m,
+            num_classes=args.num_classes,
+            bucket_bytes=int(args.buckets * 2**20) if m == "ddl-buckets" else 0,
+        )
         for m in modes
     }
     states = {m: training.replicate(host_state, mesh) for m in modes}
     times = {m: [] for m in modes}
-    ddl_s, wait_s = [], []
+    ddl_s = {m: [] for m in modes if m.startswith("ddl")}
+    wait_s = {m: [] for m in ddl_s}
     compile_s = {}
     for i in range(args.warmup + args.steps):
         for m in modes:
@@ -84,10 +109,11 @@ def main(argv=None) -> int:
                 compile_s[m] = dt
             if i >= args.warmup:
                 times[m].append(dt)
-                if m == "ddl":
-                    ddl_s.append((ddl_seconds() - c0) / jax.local_device_count())
-                    wait_s.append((ddl_seconds("wait") - w0) / jax.local_device_count())
+                if m in ddl_s:
+                    ddl_s[m].append((ddl_seconds() - c0) / jax.local_device_count())
+                    wait_s[m].append((ddl_seconds("wait") - w0) / jax.local_device_count())
     med = {m: float(np.median(times[m])) for m in modes}
+    in_ddl = {m: float(np.median(v)) for m, v in ddl_s.items()}
     result = {
         "model": args.model,
         "image_size": args.image_size,
@@ -96,43 +122,48 @@ def main(argv=None) -> int:
         "per_device_batch": args.batch_size // n_dev,
         "params_m": training.param_count(host_state.params) / 1e6,
         "steps": args.steps,
+        "buckets_mb": args.buckets if "ddl-buckets" in modes else None,
         "step_time_s": med,
         "images_per_s": {m: args.batch_size / med[m] for m in modes},
         "step_time_iqr_s": {
             m: [float(np.percentile(times[m], 25)), float(np.percentile(times[m], 75))]
             for m in modes
         },
-        "ddl_in_step_s": float(np.median(ddl_s)),
-        "ddl_share": float(np.median(ddl_s)) / med["ddl"],
-        "ddl_wait_s": float(np.median(wait_s)),
-        "lax_over_ddl": med["lax"] / med["ddl"],
+        "ddl_in_step_s": in_ddl,
+        "ddl_share": {m: in_ddl[m] / med[m] for m in in_ddl},
+        "ddl_wait_s": {m: float(np.median(v)) for m, v in wait_s.items()},
         "first_step_s": compile_s,
         "jax": jax.__version__,
     }
+    if "ddl" in modes and "lax" in modes:
+        result["lax_over_ddl"] = med["lax"] / med["ddl"]
+    none = training.NO_REDUCTION
+    if none in modes:  # the step time a mode adds over the same step without reduction
+        result["exposed_s"] = {m: med[m] - med[none] for m in modes if m != none}
     print(
         f"{args.model} {args.image_size}x{args.image_size}, global batch {args.batch_size} "
         f"({result['per_device_batch']}/device) on {n_dev} {jax.devices()[0].platform} "
         f"devices; {args.steps} timed steps each, alternating"
     )
+    exposed = result.get("exposed_s", {})
     print(
-        f"{'allreduce':>10} {'step ms (median)':>17} {'IQR ms':>15} {'images/s':>9} "
-        f"{'in jax_ddl':>16}"
+        f"{'allreduce':>11} {'step ms (median)':>17} {'IQR ms':>15} {'images/s':>9} "
+        f"{'in jax_ddl':>16}" + (f" {'exposed ms':>11}" if exposed else "")
     )
     for m in modes:
         lo, hi = result["step_time_iqr_s"][m]
-        share = (
-            f"{result['ddl_in_step_s'] * 1e3:7.1f} ms {result['ddl_share']:5.1%}"
-            if m == "ddl"
-            else ""
-        )
+        share = f"{in_ddl[m] * 1e3:7.1f} ms {in_ddl[m] / med[m]:5.1%}" if m in in_ddl else ""
+        extra = f" {exposed[m] * 1e3:11.1f}" if m in exposed else ""
         print(
-            f"{m:>10} {med[m] * 1e3:17.1f} {lo * 1e3:7.1f}-{hi * 1e3:<7.1f} "
-            f"{result['images_per_s'][m]:9.1f} {share:>16}"
+            f"{m:>11} {med[m] * 1e3:17.1f} {lo * 1e3:7.1f}-{hi * 1e3:<7.1f} "
+            f"{result['images_per_s'][m]:9.1f} {share:>16}{extra}"
         )
-    print(
-        f"lax time / ddl time: {result['lax_over_ddl']:.3f}; of the time in jax_ddl, "
-        f"{result['ddl_wait_s'] * 1e3:.1f} ms is waiting for the slowest device to arrive"
-    )
+    if "lax_over_ddl" in result:
+        print(
+            f"lax time / ddl time: {result['lax_over_ddl']:.3f}; of the time in jax_ddl, "
+            f"{result['ddl_wait_s']['ddl'] * 1e3:.1f} ms is waiting for the slowest device to "
+            "arrive"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -25,6 +25,9 @@ import jax_ddl
 
 AXIS = "data"
 ALLREDUCES = {"ddl": jax_ddl.pmean, "lax": jax.lax.pmean}
+# For benchmarks only: the same step with no reduction at all (each device keeps its own
+# gradients; the state that leaves is device 0's), the baseline of "exposed communication".
+NO_REDUCTION = "none"
 
 
 @flax.struct.dataclass
@@ -143,11 +146,11 @@ def make_train_step(
     `bucket_bytes` > 0 (jax_ddl only): gradients are averaged inside the backward pass in
     buckets of that size (jax_ddl.sync_gradients); 0: one call after the backward pass.
     """
-    if allreduce not in ALLREDUCES:
+    if allreduce not in ALLREDUCES and allreduce != NO_REDUCTION:
         raise ValueError(f"--allreduce must be one of {sorted(ALLREDUCES)}; got {allreduce!r}")
     if bucket_bytes > 0 and allreduce != "ddl":
         raise ValueError("gradient buckets need allreduce='ddl' (jax_ddl.sync_gradients)")
-    pmean = ALLREDUCES[allreduce]
+    pmean = ALLREDUCES.get(allreduce, lambda tree, axis: tree)
     if topology is not None:
         pmean = functools.partial(pmean, topology=topology)
 
@@ -155,7 +158,7 @@ def make_train_step(
         # Differentiate per-device copies: with invariant parameters, grad would insert
         # its own psum over the devices before ours. (sync_gradients makes them so itself.)
         params = state.params
-        if bucket_bytes <= 0:
+        if bucket_bytes <= 0 and allreduce != NO_REDUCTION:
             params = jax.lax.pcast(params, AXIS, to="varying")
 
         def loss_fn(params):
@@ -191,7 +194,13 @@ def make_train_step(
         )
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()))
+    sharded = jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P(AXIS)),
+        out_specs=(P(), P()),
+        check_vma=allreduce != NO_REDUCTION,  # unreduced values claim to be replicated
+    )
     return jax.jit(sharded, donate_argnums=0)
 
 
