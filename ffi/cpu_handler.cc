@@ -89,6 +89,7 @@ struct Call {
   Clock::time_point deadline;
   FaultKind fault = FaultKind::kNone;
   int64_t fault_ms = 0;
+  int64_t chunks = 1;  // pipeline chunks across processes
 };
 
 // How long a failing rank waits for its peers to stop working on its buffers.
@@ -254,6 +255,7 @@ WireHeader HeaderOf(const Call& c) {
   }
   h.dims_hash = hash;
   h.timeout_ms = s.timeout_ms();
+  h.chunks = c.chunks;
   const std::string& name = s.identity().module_name;
   std::memcpy(h.module_name, name.data(), std::min(name.size(), sizeof(h.module_name) - 1));
   return h;
@@ -278,93 +280,12 @@ int64_t LargestPart(const Plan& plan, int64_t me, int s, int64_t n) {
   return most;
 }
 
-// The allreduce of local slot `slot`'s slice (`n` accumulator elements in `data`) with the same
-// slot of the other processes, over the process plan: reduce-scatter stage by stage (a
-// process receives every group peer's copy of the slice it owns next and reduces them in
-// group order), then all-gather back. Every process ends with the same bits.
-template <typename A>
-bool ProcessAllreduce(const Call& c, int64_t slot, MpiCall& mpi, char* data, int64_t n,
-                      Failure* error) {
-  const Plan& plan = c.site->proc_plan();
-  DeviceSite& ds = *c.ds;
-  const int64_t me = MpiLayout().process;
-  const int64_t elem = sizeof(A);
-  thread_local std::vector<const char*> srcs;
-  thread_local std::vector<std::pair<int64_t, int64_t>> peers;
-  peers.clear();
-  for (int s = 0; s < plan.num_stages(); ++s) {
-    const int64_t k = plan.dim(s);
-    if (k == 1) continue;
-    const Range mine = plan.Region(me, s + 1, n);
-    const int64_t rstride = FrameStride(mine.size() * elem);
-    const int64_t sstride = FrameStride(LargestPart(plan, me, s, n) * elem);
-    char* rbuf = ds.Grow(&ds.mpi[1], (k - 1) * rstride);
-    char* sbuf = ds.Grow(&ds.mpi[2], (k - 1) * sstride);
-    for (int64_t g = 0, i = 0; g < k; ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      if (q == me) continue;
-      if (std::find(peers.begin(), peers.end(), std::make_pair(q, slot)) == peers.end()) {
-        peers.emplace_back(q, slot);
-      }
-      const Range theirs = plan.Region(q, s + 1, n);
-      mpi.PostRecv(q, slot, MpiCall::ReduceScatter(s), rbuf + i * rstride, mine.size() * elem);
-      char* frame = sbuf + i * sstride;
-      std::memcpy(frame + kFrameHeader, data + theirs.begin * elem, theirs.size() * elem);
-      mpi.PostSend(q, slot, MpiCall::ReduceScatter(s), frame, theirs.size() * elem);
-      ++i;
-    }
-    if (!mpi.Wait("cross-process reduce-scatter", error)) return false;
-    srcs.clear();
-    for (int64_t g = 0, i = 0; g < k; ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      srcs.push_back(q == me ? data + mine.begin * elem : rbuf + i++ * rstride + kFrameHeader);
-    }
-    char* dst = data + mine.begin * elem;
-    ReduceDispatch<A, A, A>(c.op, srcs.data(), k, &dst, 1, mine.size());
-  }
-  // All-gather in reverse: send the slice owned after stage s to every group peer.
-  for (int s = plan.num_stages() - 1; s >= 0; --s) {
-    const int64_t k = plan.dim(s);
-    if (k == 1) continue;
-    const Range mine = plan.Region(me, s + 1, n);
-    const int64_t rstride = FrameStride(LargestPart(plan, me, s, n) * elem);
-    const int64_t sstride = FrameStride(mine.size() * elem);
-    char* rbuf = ds.Grow(&ds.mpi[1], (k - 1) * rstride);
-    char* sbuf = ds.Grow(&ds.mpi[2], (k - 1) * sstride);
-    for (int64_t g = 0, i = 0; g < k; ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      if (q == me) continue;
-      mpi.PostRecv(q, slot, MpiCall::AllGather(s), rbuf + i * rstride,
-                   plan.Region(q, s + 1, n).size() * elem);
-      char* frame = sbuf + i * sstride;
-      std::memcpy(frame + kFrameHeader, data + mine.begin * elem, mine.size() * elem);
-      mpi.PostSend(q, slot, MpiCall::AllGather(s), frame, mine.size() * elem);
-      ++i;
-    }
-    if (!mpi.Wait("cross-process all-gather", error)) return false;
-    for (int64_t g = 0, i = 0; g < k; ++g) {
-      const int64_t q = plan.Peer(me, s, g);
-      if (q == me) continue;
-      const Range theirs = plan.Region(q, s + 1, n);
-      std::memcpy(data + theirs.begin * elem, rbuf + i++ * rstride + kFrameHeader,
-                  theirs.size() * elem);
-    }
-  }
-  return mpi.Done(peers, error);
-}
-
 // Large messages: DDL's schedule. Reduce-scatter stage by stage: at each stage a rank
 // reduces the slice it owns from its group's copies. At the last stage the owner of a
 // final slice writes it straight into every rank's output: in shared memory that is the
 // whole reverse all-gather in one step, each byte written once and never re-read. Only
 // the owner ever touches a final slice, in any buffer, so this is safe in place too.
 // Every element is reduced in the plan's fixed order: all ranks get identical bits.
-//
-// Across processes (DDL's hierarchy) the plan is the local one and the last local stage
-// writes the owner's slice into its own buffer instead; that slice is allreduced with the
-// same slot of every other process over MPI (one communicator per slot, so all slots run
-// at once) and then written into every local output. The order stays fixed by the two
-// plans, so every device of every process gets the same bits.
 template <typename T>
 Member PrepareLarge(const Call& c, bool cross) {
   using A = typename AccumOf<T>::type;
@@ -377,105 +298,79 @@ Member PrepareLarge(const Call& c, bool cross) {
                 scratch ? ds.inter.data() : nullptr, nullptr};
 }
 
+// Where one rank reads its group's copies at each local stage: the inputs at stage 0, the
+// previous stage's partial results (in the float32 scratch or in the outputs) after.
 template <typename T>
-ffi::Error FinishLarge(const Call& c, Rendezvous* r, MpiCall* mpi, bool arrived) {
+struct LocalViews {
   using A = typename AccumOf<T>::type;
-  constexpr bool kSameAcc = std::is_same_v<A, T>;
-  const bool cross = mpi != nullptr;
+  Rendezvous* r;
+  bool scratch;
+  View input(int64_t q) const { return View{r->member(q).inputs, nullptr, sizeof(T)}; }
+  View output(int64_t q) const { return View{r->member(q).outputs, nullptr, sizeof(T)}; }
+  View inter(int64_t q) const {
+    return scratch ? View{nullptr, r->member(q).inter, sizeof(A)} : output(q);
+  }
+  View source(int64_t q, int stage) const { return stage == 0 ? input(q) : inter(q); }
+};
+
+// Writes `len` elements from `srcs` (accumulator or T) into every rank's output at
+// element `begin` of buffer `seg`, reducing the sources on the way.
+template <typename T>
+void WriteOutputs(const Call& c, const LocalViews<T>& v, int64_t ranks, int64_t seg, int64_t begin,
+                  int64_t len, const char* const* srcs, int64_t n_src, bool src_acc) {
+  using A = typename AccumOf<T>::type;
   DeviceSite& ds = *c.ds;
-  const Plan& plan = cross ? c.site->local_plan() : c.site->plan();
-  const int64_t rank = cross ? c.rank - MpiLayout().process * MpiLayout().slots : c.rank;
+  for (int64_t q = 0; q < ranks; ++q) {
+    ds.dst_ptrs[q] = v.output(q).At(ds.offsets.data(), seg, begin);
+  }
+  if (src_acc) {
+    ReduceDispatch<A, A, T>(c.op, srcs, n_src, ds.dst_ptrs.data(), ranks, len);
+  } else {
+    ReduceDispatch<A, T, T>(c.op, srcs, n_src, ds.dst_ptrs.data(), ranks, len);
+  }
+}
+
+template <typename T>
+ffi::Error FinishLarge(const Call& c, Rendezvous* r, bool arrived) {
+  using A = typename AccumOf<T>::type;
+  DeviceSite& ds = *c.ds;
+  const Plan& plan = c.site->plan();
+  const int64_t rank = c.rank;
   const int64_t count = c.desc.count;
-  const int64_t ranks = plan.num_ranks();
   const auto& offsets = ds.offsets;
   const int stages = plan.num_stages();
-  const bool scratch = !kSameAcc && stages > 1;
+  const LocalViews<T> v{r, !std::is_same_v<A, T> && stages > 1};
   Failure error;
   if (!arrived && r->AwaitAll(rank, c.deadline, c.deadline, &error) != 1) {
     return LeaveFailed(c, r, rank, &error, false);
   }
-  if (cross) mpi->Watch([r](Failure* f) { return r->Failed(f); });
   StallIfAsked(c);
   const auto t0 = c.start;
   const auto t1 = Clock::now();
-  auto input_view = [&](int64_t q) { return View{r->member(q).inputs, nullptr, sizeof(T)}; };
-  auto output_view = [&](int64_t q) { return View{r->member(q).outputs, nullptr, sizeof(T)}; };
-  auto inter_view = [&](int64_t q) {
-    return scratch ? View{nullptr, r->member(q).inter, sizeof(A)} : output_view(q);
-  };
-  const Range mine = plan.Region(rank, stages, count);
-  A* buf = nullptr;
-  if (cross) {
-    ds.mpi.resize(3);
-    const int64_t slice_bytes = std::max<int64_t>(1, mine.size()) * sizeof(A);
-    buf = reinterpret_cast<A*>(ds.Grow(&ds.mpi[0], slice_bytes));
-  }
-  // Writes `len` elements from `src` (accumulator or T) into every rank's output at `begin`.
-  auto broadcast = [&](int64_t seg, int64_t begin, int64_t len, const char* const* srcs,
-                       int64_t n_src, bool src_acc) {
-    for (int64_t q = 0; q < ranks; ++q) {
-      ds.dst_ptrs[q] = output_view(q).At(offsets.data(), seg, begin);
-    }
-    if (src_acc) {
-      ReduceDispatch<A, A, T>(c.op, srcs, n_src, ds.dst_ptrs.data(), ranks, len);
-    } else {
-      ReduceDispatch<A, T, T>(c.op, srcs, n_src, ds.dst_ptrs.data(), ranks, len);
-    }
-  };
-
   auto t2 = t1;
   for (int s = 0; s < stages; ++s) {
     const int64_t group_size = plan.dim(s);
     const bool last = s == stages - 1;
-    const bool src_acc = s > 0 && scratch;
+    const bool src_acc = s > 0 && v.scratch;
     if (last) t2 = Clock::now();
     ForEachPiece(offsets, plan.Region(rank, s + 1, count),
                  [&](int64_t seg, int64_t begin, int64_t len) {
       for (int64_t g = 0; g < group_size; ++g) {
-        const int64_t q = plan.Peer(rank, s, g);
-        const View v = s == 0 ? input_view(q) : inter_view(q);
-        ds.peer_ptrs[g] = v.At(offsets.data(), seg, begin);
+        ds.peer_ptrs[g] = v.source(plan.Peer(rank, s, g), s).At(offsets.data(), seg, begin);
       }
-      if (last && !cross) {
-        broadcast(seg, begin, len, ds.peer_ptrs.data(), group_size, src_acc);
+      if (last) {
+        WriteOutputs<T>(c, v, plan.num_ranks(), seg, begin, len, ds.peer_ptrs.data(), group_size,
+                        src_acc);
         return;
       }
-      char* dst = last ? reinterpret_cast<char*>(buf + (begin - mine.begin))
-                       : inter_view(rank).At(offsets.data(), seg, begin);
+      char* dst = v.inter(rank).At(offsets.data(), seg, begin);
       if (src_acc) {
         ReduceDispatch<A, A, A>(c.op, ds.peer_ptrs.data(), group_size, &dst, 1, len);
       } else {
         ReduceDispatch<A, T, A>(c.op, ds.peer_ptrs.data(), group_size, &dst, 1, len);
       }
     });
-    if ((!last || !cross) &&
-        !r->Barrier(rank, s + 1, last ? "exit" : "reduce-scatter", c.deadline, &error)) {
-      return LeaveFailed(c, r, rank, &error, false);
-    }
-  }
-  if (cross) {
-    t2 = Clock::now();  // for the counters the MPI exchange counts as reduce-scatter
-    // While it waits on other processes this rank touches only its own buffers.
-    r->Pause(rank);
-    const bool ok = mpi->Handshake(HeaderOf(c), &DescribeHeader, &error) &&
-                    ProcessAllreduce<A>(c, rank, *mpi, ds.mpi[0].data(), mine.size(), &error);
-    if (!ok) {
-      std::vector<std::vector<char>> frames;
-      ds.ReleaseMpi(&frames);
-      mpi->Abandon(&frames);  // keeps them while MPI may still use them
-      if (!error.local) {
-        error.message = c.site->context() + ", local slot " + std::to_string(rank) + ": " +
-                        error.message;
-      }
-      return LeaveFailed(c, r, rank, &error, !error.local);
-    }
-    if (!r->Resume(rank, &error)) return LeaveFailed(c, r, rank, &error, false);
-    t2 = Clock::now();
-    ForEachPiece(offsets, mine, [&](int64_t seg, int64_t begin, int64_t len) {
-      const char* src = reinterpret_cast<const char*>(buf + (begin - mine.begin));
-      broadcast(seg, begin, len, &src, 1, true);
-    });
-    if (!r->Barrier(rank, stages, "exit", c.deadline, &error)) {
+    if (!r->Barrier(rank, s + 1, last ? "exit" : "reduce-scatter", c.deadline, &error)) {
       return LeaveFailed(c, r, rank, &error, false);
     }
   }
@@ -487,19 +382,272 @@ ffi::Error FinishLarge(const Call& c, Rendezvous* r, MpiCall* mpi, bool arrived)
   return ffi::Error::Success();
 }
 
-// DDL's hierarchy across processes: the local stages, the slot's slice over MPI, then the
-// local outputs.
+// How many pipeline chunks a call across processes is cut into: about chunk_bytes of one
+// device's buffer each, at least one element each, at most kMaxChunks, and few enough
+// that the local stages' barriers fit one rendezvous.
+constexpr int64_t kMaxChunks = 64;
+int64_t NumChunks(const Site& site, int64_t count, int64_t elem) {
+  const int64_t chunk = site.chunk_bytes();
+  if (chunk <= 0 || count * elem <= chunk) return 1;
+  const int64_t barriers = std::max(1, site.local_plan().num_stages() - 1);
+  return std::max<int64_t>(1, std::min({kMaxChunks, count, (count * elem + chunk - 1) / chunk,
+                                        (kMaxPhases - 2) / barriers}));
+}
+
+// One exchange of the process plan: the reduce-scatter or the all-gather of a stage.
+struct Exchange {
+  int stage;
+  bool gather;
+};
+
+// A chunk of a call across processes, and how far it got.
+struct Chunk {
+  Range range;          // elements of the call
+  Range mine;           // this slot's final local slice of them, elements of the call
+  char* slice;          // its accumulator copy, which the processes allreduce
+  char* rframes;        // frames received by the exchange in flight
+  char* sframes;        // frames it sends
+  int64_t stride = 0;   // bytes per frame in either
+  size_t next = 0;      // the exchange in flight (or next)
+  bool posted = false;  // its first exchange is posted
+  bool done = false;    // its results are in every local output
+};
+
+// DDL's hierarchy across processes, pipelined. The call is cut into chunks; for each, the
+// local stages reduce-scatter it through shared memory (as above) into the slice this
+// slot owns, which is then allreduced with the same slot of the other processes over MPI
+// (reduce-scatter over the process plan stage by stage, then all-gather back; one
+// communicator per slot, so all slots run at once), and finally written into every local
+// output. The exchanges of a chunk run while the local stages of the next chunks do:
+// nothing here waits for another process before all local stages are done, so the slow
+// links between hosts carry chunk i while memory works on chunk i + 1. Every element is
+// still reduced in the order fixed by the two plans, whatever the chunking: all devices of
+// all processes get the same bits, and the same bits as one chunk would give.
 template <typename T>
-ffi::Error RunAcross(const Call& c) {
-  const int64_t slot = c.rank - MpiLayout().process * MpiLayout().slots;
+ffi::Error RunAcross(const Call& call) {
+  using A = typename AccumOf<T>::type;
+  constexpr int64_t ea = sizeof(A);
+  Call c = call;
+  DeviceSite& ds = *c.ds;
+  const Plan& plan = c.site->local_plan();
+  const Plan& pplan = c.site->proc_plan();
+  const ProcessLayout& pl = MpiLayout();
+  const int64_t me = pl.process;
+  const int64_t slot = c.rank - me * pl.slots;
+  const int64_t count = c.desc.count;
+  const int64_t ranks = plan.num_ranks();
+  const int stages = plan.num_stages();
+  const auto& offsets = ds.offsets;
+  c.chunks = NumChunks(*c.site, count, sizeof(T));
+
   MpiCall mpi(slot, LabelOf(*c.site), c.deadline);
   Failure error;
   if (!mpi.ok(&error)) return FailWith(error);
-  const Member me = PrepareLarge<T>(c, true);
-  Rendezvous* r = Join(c, c.site->local_plan().num_ranks(), &error);
+  const Member m = PrepareLarge<T>(c, true);
+
+  // The process plan's exchanges, and this slot's scratch, sized before anything is
+  // posted: it must not move while MPI may use it.
+  std::vector<Exchange> steps;
+  for (int s = 0; s < pplan.num_stages(); ++s) {
+    if (pplan.dim(s) > 1) steps.push_back({s, false});
+  }
+  for (int i = static_cast<int>(steps.size()) - 1; i >= 0; --i) {
+    steps.push_back({steps[i].stage, true});
+  }
+  std::vector<std::pair<int64_t, int64_t>> peers;  // (process, slot) this slot talks to
+  for (const Exchange& x : steps) {
+    for (int64_t g = 0; g < pplan.dim(x.stage); ++g) {
+      const std::pair<int64_t, int64_t> p{pplan.Peer(me, x.stage, g), slot};
+      if (p.first != me && std::find(peers.begin(), peers.end(), p) == peers.end()) {
+        peers.push_back(p);
+      }
+    }
+  }
+  std::vector<Chunk> chunks(c.chunks);
+  int64_t slice_bytes = 0, frame_bytes = 0;
+  std::vector<int64_t> frame_at(c.chunks);
+  for (int64_t i = 0; i < c.chunks; ++i) {
+    Chunk& k = chunks[i];
+    k.range = SplitRange(Range{0, count}, c.chunks, i);
+    const Range local = plan.Region(slot, stages, k.range.size());
+    k.mine = Range{k.range.begin + local.begin, k.range.begin + local.end};
+    for (const Exchange& x : steps) {
+      k.stride = std::max(k.stride, FrameStride(LargestPart(pplan, me, x.stage, k.mine.size()) * ea));
+    }
+    int64_t most = 0;
+    for (const Exchange& x : steps) most = std::max(most, pplan.dim(x.stage) - 1);
+    frame_at[i] = frame_bytes;
+    frame_bytes += most * k.stride;
+    slice_bytes += (k.mine.size() * ea + 63) / 64 * 64;
+  }
+  ds.mpi.resize(3);
+  char* slices = ds.Grow(&ds.mpi[0], std::max<int64_t>(1, slice_bytes));
+  char* rframes = ds.Grow(&ds.mpi[1], std::max<int64_t>(1, frame_bytes));
+  char* sframes = ds.Grow(&ds.mpi[2], std::max<int64_t>(1, frame_bytes));
+  for (int64_t i = 0, at = 0; i < c.chunks; ++i) {
+    chunks[i].slice = slices + at;
+    at += (chunks[i].mine.size() * ea + 63) / 64 * 64;
+    chunks[i].rframes = rframes + frame_at[i];
+    chunks[i].sframes = sframes + frame_at[i];
+  }
+
+  Rendezvous* r = Join(c, ranks, &error);
   if (r == nullptr) return FailWith(error);
-  if (!r->Publish(slot, me, &error)) return LeaveFailed(c, r, slot, &error, false);
-  return FinishLarge<T>(c, r, &mpi, false);
+  if (!r->Publish(slot, m, &error)) return LeaveFailed(c, r, slot, &error, false);
+  if (r->AwaitAll(slot, c.deadline, c.deadline, &error) != 1) {
+    return LeaveFailed(c, r, slot, &error, false);
+  }
+  // After a failure MPI may still use the frames: hand them to the transport.
+  auto fail = [&](bool own) {
+    std::vector<std::vector<char>> frames;
+    ds.ReleaseMpi(&frames);
+    mpi.Abandon(&frames);
+    own = own && !error.local;
+    if (own) {
+      error.message =
+          c.site->context() + ", local slot " + std::to_string(slot) + ": " + error.message;
+    }
+    return LeaveFailed(c, r, slot, &error, own);
+  };
+  mpi.Watch([r](Failure* f) { return r->Failed(f); });
+  StallIfAsked(c);
+  // While it waits on other processes this rank touches only its own buffers.
+  r->Pause(slot);
+  if (!mpi.Handshake(HeaderOf(c), &DescribeHeader, &error)) return fail(true);
+  if (!r->Resume(slot, &error)) return fail(false);
+  const auto t1 = Clock::now();
+  const LocalViews<T> v{r, m.inter != nullptr};
+
+  auto post = [&](int64_t index) {
+    Chunk& k = chunks[index];
+    const Exchange x = steps[k.next];
+    const int64_t n = k.mine.size();
+    const Range own = pplan.Region(me, x.stage + 1, n);
+    const int kind = x.gather ? MpiCall::AllGather(x.stage) : MpiCall::ReduceScatter(x.stage);
+    for (int64_t g = 0, i = 0; g < pplan.dim(x.stage); ++g) {
+      const int64_t q = pplan.Peer(me, x.stage, g);
+      if (q == me) continue;
+      const Range theirs = pplan.Region(q, x.stage + 1, n);
+      const Range in = x.gather ? theirs : own, out = x.gather ? own : theirs;
+      mpi.PostRecv(q, slot, kind, k.rframes + i * k.stride, in.size() * ea, index);
+      char* frame = k.sframes + i * k.stride;
+      std::memcpy(frame + kFrameHeader, k.slice + out.begin * ea, out.size() * ea);
+      mpi.PostSend(q, slot, kind, frame, out.size() * ea, index);
+      ++i;
+    }
+  };
+  // Reduces (reduce-scatter) or places (all-gather) what the exchange in flight received.
+  auto complete = [&](Chunk& k) {
+    const Exchange x = steps[k.next];
+    const int64_t n = k.mine.size();
+    const Range own = pplan.Region(me, x.stage + 1, n);
+    thread_local std::vector<const char*> srcs;
+    srcs.clear();
+    for (int64_t g = 0, i = 0; g < pplan.dim(x.stage); ++g) {
+      const int64_t q = pplan.Peer(me, x.stage, g);
+      if (q == me) {
+        srcs.push_back(k.slice + own.begin * ea);
+        continue;
+      }
+      const char* payload = k.rframes + i++ * k.stride + kFrameHeader;
+      srcs.push_back(payload);
+      if (x.gather) {
+        const Range theirs = pplan.Region(q, x.stage + 1, n);
+        std::memcpy(k.slice + theirs.begin * ea, payload, theirs.size() * ea);
+      }
+    }
+    if (!x.gather) {
+      char* dst = k.slice + own.begin * ea;
+      ReduceDispatch<A, A, A>(c.op, srcs.data(), static_cast<int64_t>(srcs.size()), &dst, 1,
+                              own.size());
+    }
+  };
+  // Moves every posted chunk as far as its messages allow: -1 on a failure, else whether
+  // anything moved. A chunk posts an exchange only after the chunk before it did: the
+  // messages of one exchange and one pair of processes share a tag, so every process must
+  // post them in the same order (MPI matches them in order), whichever chunk's messages
+  // happened to arrive first.
+  auto advance = [&]() -> int {
+    const int rc = mpi.Progress("cross-process exchange", &error);
+    if (rc < 0) return -1;
+    bool moved = rc > 0;
+    for (int64_t i = 0; i < c.chunks; ++i) {
+      Chunk& k = chunks[i];
+      if (!k.posted || k.done) continue;
+      while (k.next < steps.size() && !mpi.Pending(i) &&
+             (i == 0 || chunks[i - 1].next > k.next)) {
+        complete(k);
+        if (++k.next < steps.size()) post(i);
+        moved = true;
+      }
+      if (k.next < steps.size()) continue;
+      ForEachPiece(offsets, k.mine, [&](int64_t seg, int64_t begin, int64_t len) {
+        const char* src = k.slice + (begin - k.mine.begin) * ea;
+        WriteOutputs<T>(c, v, ranks, seg, begin, len, &src, 1, true);
+      });
+      k.done = true;
+      moved = true;
+    }
+    return moved ? 1 : 0;
+  };
+
+  int phase = 1;
+  for (int64_t i = 0; i < c.chunks; ++i) {
+    Chunk& k = chunks[i];
+    for (int s = 0; s < stages; ++s) {
+      const int64_t group_size = plan.dim(s);
+      const bool last = s == stages - 1;
+      const bool src_acc = s > 0 && v.scratch;
+      const Range local = plan.Region(slot, s + 1, k.range.size());
+      const Range region{k.range.begin + local.begin, k.range.begin + local.end};
+      ForEachPiece(offsets, region, [&](int64_t seg, int64_t begin, int64_t len) {
+        for (int64_t g = 0; g < group_size; ++g) {
+          ds.peer_ptrs[g] = v.source(plan.Peer(slot, s, g), s).At(offsets.data(), seg, begin);
+        }
+        char* dst = last ? k.slice + (begin - k.mine.begin) * ea
+                         : v.inter(slot).At(offsets.data(), seg, begin);
+        if (src_acc) {
+          ReduceDispatch<A, A, A>(c.op, ds.peer_ptrs.data(), group_size, &dst, 1, len);
+        } else {
+          ReduceDispatch<A, T, A>(c.op, ds.peer_ptrs.data(), group_size, &dst, 1, len);
+        }
+      });
+      // After the last stage no local peer reads what this rank writes next (its slice, then
+      // its final part of every output), so only the earlier stages need a barrier.
+      if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error)) {
+        return fail(false);
+      }
+    }
+    k.posted = true;
+    if (!steps.empty()) post(i);
+    if (advance() < 0) return fail(true);
+  }
+  const auto t2 = Clock::now();
+  auto pause = std::chrono::microseconds(5);
+  for (;;) {
+    bool all = true;
+    for (const Chunk& k : chunks) all = all && k.done;
+    if (all) break;
+    const int moved = advance();
+    if (moved < 0) return fail(true);
+    if (moved > 0) {
+      pause = std::chrono::microseconds(5);
+    } else {
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(200));
+    }
+  }
+  r->Pause(slot);
+  if (!mpi.Done(peers, &error)) return fail(true);
+  if (!r->Resume(slot, &error)) return fail(false);
+  if (!r->Barrier(slot, phase, "exit", c.deadline, &error)) return fail(false);
+  Registry::Get().Leave(r, slot, c.deadline);
+  Counters& cnt = GetCounters();
+  cnt.chunks.fetch_add(c.chunks, std::memory_order_relaxed);
+  cnt.arrive_ns.fetch_add(Nanos(c.start, t1), std::memory_order_relaxed);
+  cnt.reduce_scatter_ns.fetch_add(Nanos(t1, t2), std::memory_order_relaxed);
+  cnt.broadcast_ns.fetch_add(Nanos(t2, Clock::now()), std::memory_order_relaxed);
+  return ffi::Error::Success();
 }
 
 // A plan whose groups span processes (a flat spec over all devices of all processes, or
@@ -770,7 +918,7 @@ ffi::Future Start(const Call& c) {
   const bool small = c.desc.count * static_cast<int64_t>(sizeof(T)) <= c.site->small_bytes();
   // `arrived`: this rank already saw every rank arrive (and is working).
   auto finish = [small](const Call& c, Rendezvous* r, bool arrived) {
-    return small ? FinishSmall<T>(c, r, arrived) : FinishLarge<T>(c, r, nullptr, arrived);
+    return small ? FinishSmall<T>(c, r, arrived) : FinishLarge<T>(c, r, arrived);
   };
   if (c.fault == FaultKind::kDelay) {  // test fault: the whole call late, on a worker
     return Defer(c, [finish, small](const Call& c) {
@@ -818,7 +966,8 @@ ffi::Error ReadScalar(ffi::AnyBuffer buf, const char* what, int64_t* value) {
 // Instantiate stage: once per custom-call instruction when XLA compiles a program.
 ffi::ErrorOr<std::unique_ptr<Site>> InstantiateCpu(int32_t op, ffi::Span<const int64_t> dims,
                                                    int64_t timeout_ms, int64_t small_bytes,
-                                                   int64_t module, int64_t site,
+                                                   int64_t chunk_bytes, int64_t module,
+                                                   int64_t site,
                                                    std::string_view name) {
   if (op < 0 || op > 2) {
     return ffi::Unexpected(ffi::Error(
@@ -836,7 +985,7 @@ ffi::ErrorOr<std::unique_ptr<Site>> InstantiateCpu(int32_t op, ffi::Span<const i
   }
   SiteIdentity id = MakeIdentity(module, site, name);
   return std::make_unique<Site>(std::move(id), static_cast<Op>(op), std::move(grid), timeout_ms,
-                                small_bytes);
+                                small_bytes, chunk_bytes);
 }
 
 ffi::Future AllreduceCpu(ffi::RunId run_id, int32_t device, Site* site, ffi::AnyBuffer rank_buf,
@@ -981,6 +1130,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpuInstantiate, InstantiateCpu,
                                   .Attr<ffi::Span<const int64_t>>("dims")  // topology grid
                                   .Attr<int64_t>("timeout_ms")   // deadline of the call; < 0: none
                                   .Attr<int64_t>("small_bytes")  // one-shot path at or below this
+                                  .Attr<int64_t>("chunk_bytes")  // pipeline chunk across processes
                                   .Attr<int64_t>("module")    // n-th lowered module of this name
                                   .Attr<int64_t>("site")      // ordinal of the call in the module
                                   .Attr<std::string_view>("name"));  // the module's name

@@ -76,6 +76,7 @@ NB_MODULE(_ddl, m) {
     d["errors"] = c.errors.load();
     d["small_calls"] = c.small_calls.load();
     d["stale_messages"] = c.stale_messages.load();
+    d["chunks"] = c.chunks.load();
     d["arrive_s"] = c.arrive_ns.load() * 1e-9;
     d["reduce_scatter_s"] = c.reduce_scatter_ns.load() * 1e-9;
     d["broadcast_s"] = c.broadcast_ns.load() * 1e-9;

@@ -92,6 +92,11 @@ std::string Disagreement(const WireHeader& mine, const WireHeader& theirs, int64
            " has " + describe(theirs) +
            "; every process must run the same program on the same shapes";
   }
+  if (mine.chunks != theirs.chunks) {
+    return "processes disagree on how " + describe(mine) + " is pipelined: this process cuts " +
+           "it into " + std::to_string(mine.chunks) + " chunks, " + who + " into " +
+           std::to_string(theirs.chunks) + ". Give every process the same JAX_DDL_CHUNK_BYTES";
+  }
   return "";
 }
 
@@ -329,18 +334,39 @@ struct MpiCall::Impl {
     int kind;
     char* frame;
     int64_t bytes;
+    int64_t chunk = 0;
     MPI_Request req = MPI_REQUEST_NULL;
     bool done = false;
+    bool posted = false;  // handed to MPI (a stream's later frames wait their turn)
+    bool SameStream(const Recv& o) const {
+      return process == o.process && slot == o.slot && kind == o.kind;
+    }
+  };
+  struct Send {
+    MPI_Request req = MPI_REQUEST_NULL;
+    int64_t process = 0;
+    int64_t chunk = 0;
   };
   std::vector<Recv> recvs;
-  std::vector<MPI_Request> sends;
-  std::vector<int64_t> send_peers;
+  std::vector<Send> sends;
+  int64_t left = 0;                   // posted requests not complete yet
   std::deque<std::vector<char>> own;  // handshake and done frames
   std::string post_error;             // the first failure to post, reported by Wait
   std::function<bool(Failure*)> watch;
 
+  // Tests every pending request once: -1 on a failure, else how many completed.
+  int Sweep(int64_t my_slot, const char* stage, const WireHeader& me, Failure* failure);
+  // The watched rendezvous failed, or the deadline passed (*failure says why).
+  bool GiveUp(const char* stage, Failure* failure);
+  void Clear() {
+    recvs.clear();
+    sends.clear();
+    left = 0;
+  }
+
   void Post(Recv& r, int64_t my_slot) {
     r.done = false;
+    r.posted = true;
     const int rc = g_api.irecv(r.frame, static_cast<int>(kFrameHeader + r.bytes), MPI_BYTE,
                                static_cast<int>(r.process), Tag(site_tag, r.kind, r.slot),
                                g_comms[my_slot], &r.req);
@@ -405,7 +431,8 @@ bool MpiCall::ok(Failure* failure) const {
   return false;
 }
 
-void MpiCall::PostSend(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes) {
+void MpiCall::PostSend(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes,
+                       int64_t chunk) {
   Impl& m = *impl_;
   WireHeader h;
   h.magic = kMagic;
@@ -415,6 +442,7 @@ void MpiCall::PostSend(int64_t process, int64_t slot, int kind, char* frame, int
   h.copy = m.label.copy;
   h.seq = seq_;
   h.payload_bytes = bytes;
+  h.chunk = chunk;
   std::memcpy(frame, &h, sizeof(h));
   int64_t total = kFrameHeader + bytes;
   if (bytes > 0 && FaultArmed(FaultKind::kShort, -1)) total -= 1;  // test fault: a short frame
@@ -436,11 +464,12 @@ void MpiCall::PostSend(int64_t process, int64_t slot, int kind, char* frame, int
     }
     return;
   }
-  m.sends.push_back(r);
-  m.send_peers.push_back(process);
+  m.sends.push_back(Impl::Send{r, process, chunk});
+  ++m.left;
 }
 
-void MpiCall::PostRecv(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes) {
+void MpiCall::PostRecv(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes,
+                       int64_t chunk) {
   Impl& m = *impl_;
   if (kFrameHeader + bytes > INT_MAX) {
     if (m.post_error.empty()) {
@@ -449,126 +478,183 @@ void MpiCall::PostRecv(int64_t process, int64_t slot, int kind, char* frame, int
     }
     return;
   }
-  m.recvs.push_back(Impl::Recv{process, slot, kind, frame, bytes});
-  m.Post(m.recvs.back(), slot_);
+  // One receive per stream (process, slot, kind) in MPI at a time: MPI matches a stream's
+  // messages to its receives in the order they were posted, and a receive that took a late
+  // frame of an abandoned call is posted again. Were a later frame's receive posted
+  // already, it would take this one's message.
+  Impl::Recv r{process, slot, kind, frame, bytes, chunk};
+  bool busy = false;
+  for (const Impl::Recv& o : m.recvs) busy = busy || (!o.done && o.SameStream(r));
+  m.recvs.push_back(r);
+  ++m.left;
+  if (!busy) m.Post(m.recvs.back(), slot_);
 }
 
-bool MpiCall::Wait(const char* stage, Failure* failure) {
-  Impl& m = *impl_;
+int MpiCall::Impl::Sweep(int64_t my_slot, const char* stage, const WireHeader& me,
+                         Failure* failure) {
   failure->deadline = false;
-  if (!m.post_error.empty()) {
-    failure->message = m.post_error + " (" + stage + ")";
-    return false;
+  if (!post_error.empty()) {
+    failure->message = post_error + " (" + stage + ")";
+    return -1;
   }
   auto fatal = [&](int rc, int64_t process) {
     failure->message = "MPI error during the " + std::string(stage) + " with process " +
                        std::to_string(process) + ": " + MpiErrorText(rc);
     Poison(failure->message);
-    return false;
+    return -1;
   };
-  size_t left = m.recvs.size() + m.sends.size();
-  auto pause = std::chrono::microseconds(5);
-  while (left > 0) {
-    bool progressed = false;
-    for (size_t i = 0; i < m.sends.size(); ++i) {
-      if (m.sends[i] == MPI_REQUEST_NULL) continue;
-      int flag = 0;
-      const int rc = g_api.test(&m.sends[i], &flag, MPI_STATUS_IGNORE);
-      if (rc != MPI_SUCCESS) return fatal(rc, m.send_peers[i]);
-      if (flag) {
-        m.sends[i] = MPI_REQUEST_NULL;
-        --left;
-        progressed = true;
+  int completed = 0;
+  for (Send& snd : sends) {
+    if (snd.req == MPI_REQUEST_NULL) continue;
+    int flag = 0;
+    const int rc = g_api.test(&snd.req, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) return fatal(rc, snd.process);
+    if (flag) {
+      snd.req = MPI_REQUEST_NULL;
+      --left;
+      ++completed;
+    }
+  }
+  // The stream's next receive, once `r` completed.
+  auto post_next = [&](const Recv& r) {
+    for (Recv& o : recvs) {
+      if (!o.done && !o.posted && o.SameStream(r)) {
+        Post(o, my_slot);
+        return;
       }
     }
-    for (Impl::Recv& r : m.recvs) {
-      if (r.done) continue;
-      int flag = 0;
-      MPI_Status status;
-      int rc = g_api.test(&r.req, &flag, &status);
-      bool truncated = false;
-      if (rc != MPI_SUCCESS) {
-        int cls = 0;
-        g_api.error_class(rc, &cls);
-        if (cls != MPI_ERR_TRUNCATE) return fatal(rc, r.process);
-        truncated = true;  // a longer message than expected: its header says whose
-        flag = 1;
+  };
+  for (size_t i = 0; i < recvs.size(); ++i) {
+    Recv& r = recvs[i];
+    if (r.done || !r.posted) continue;
+    int flag = 0;
+    MPI_Status status;
+    int rc = g_api.test(&r.req, &flag, &status);
+    bool truncated = false;
+    if (rc != MPI_SUCCESS) {
+      int cls = 0;
+      g_api.error_class(rc, &cls);
+      if (cls != MPI_ERR_TRUNCATE) return fatal(rc, r.process);
+      truncated = true;  // a longer message than expected: its header says whose
+      flag = 1;
+    }
+    if (!flag) continue;
+    r.req = MPI_REQUEST_NULL;
+    int got = -1;
+    if (!truncated) g_api.get_count(&status, MPI_BYTE, &got);
+    WireHeader h;
+    std::memcpy(&h, r.frame, sizeof(h));
+    const bool ours = got >= static_cast<int>(sizeof(WireHeader)) || truncated;
+    if (ours && h.magic == kMagic && (!SameLabel(h, label) || h.seq < me.seq)) {
+      // A late frame of a call this process gave up on (a frame is sent only after
+      // both ends agreed in a handshake, so another call's frame on this stream is
+      // late too): drop it, wait for ours.
+      GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
+      Post(r, my_slot);
+      if (!post_error.empty()) {
+        failure->message = post_error;
+        return -1;
       }
-      if (!flag) continue;
-      progressed = true;
-      r.req = MPI_REQUEST_NULL;
-      int got = -1;
-      if (!truncated) g_api.get_count(&status, MPI_BYTE, &got);
-      WireHeader h;
-      std::memcpy(&h, r.frame, sizeof(h));
-      const bool ours = got >= static_cast<int>(sizeof(WireHeader)) || truncated;
-      if (ours && h.magic == kMagic && (!SameLabel(h, m.label) || h.seq < seq_)) {
-        // A late frame of a call this process gave up on (a frame is sent only after
-        // both ends agreed in a handshake, so another call's frame on this stream is
-        // late too): drop it, wait for ours.
-        GetCounters().stale_messages.fetch_add(1, std::memory_order_relaxed);
-        m.Post(r, slot_);
-        if (!m.post_error.empty()) {
-          failure->message = m.post_error;
-          return false;
-        }
-        continue;
+      continue;
+    }
+    const int64_t want = kFrameHeader + r.bytes;
+    if (!ours || h.magic != kMagic || !SameLabel(h, label) || h.seq != me.seq ||
+        static_cast<int>(h.kind) != r.kind || h.chunk != r.chunk ||
+        h.payload_bytes != r.bytes || truncated || got != want) {
+      std::string what;
+      if (!ours || h.magic != kMagic) {
+        what = "a message that is not a jax_ddl frame";
+      } else if (h.seq != me.seq) {
+        what = "a frame of a later attempt of this call (attempt " + std::to_string(h.seq) +
+               "; this process is at attempt " + std::to_string(me.seq) + ")";
+      } else if (static_cast<int>(h.kind) == r.kind && h.chunk != r.chunk) {
+        what = "the frame of chunk " + std::to_string(h.chunk) + " where chunk " +
+               std::to_string(r.chunk) + " was expected";
+      } else {
+        what = std::string("a ") + (truncated ? "longer" : "frame of " + std::to_string(got)) +
+               " byte" + (truncated ? " frame" : "s") + " where " + std::to_string(want) +
+               " were expected";
       }
-      const int64_t want = kFrameHeader + r.bytes;
-      if (!ours || h.magic != kMagic || !SameLabel(h, m.label) || h.seq != seq_ ||
-          static_cast<int>(h.kind) != r.kind || h.payload_bytes != r.bytes || truncated ||
-          got != want) {
-        std::string what;
-        if (!ours || h.magic != kMagic) {
-          what = "a message that is not a jax_ddl frame";
-        } else if (h.seq != seq_) {
-          what = "a frame of a later attempt of this call (attempt " + std::to_string(h.seq) +
-                 "; this process is at attempt " + std::to_string(seq_) + ")";
-        } else {
-          what = std::string("a ") + (truncated ? "longer" : "frame of " + std::to_string(got)) +
-                 " byte" + (truncated ? " frame" : "s") + " where " + std::to_string(want) +
-                 " were expected";
-        }
-        failure->message = "process " + std::to_string(r.process) + " sent " + what +
-                           " during the " + stage;
-        r.done = true;
-        return false;
-      }
+      failure->message = "process " + std::to_string(r.process) + " sent " + what +
+                         " during the " + stage;
       r.done = true;
       --left;
+      return -1;
     }
-    if (left == 0) break;
-    if (m.watch && m.watch(failure)) return false;
-    if (Clock::now() > m.deadline) {
-      std::vector<int64_t> missing;
-      for (const Impl::Recv& r : m.recvs) {
-        if (!r.done) missing.push_back(r.process);
-      }
-      std::sort(missing.begin(), missing.end());
-      missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
-      failure->deadline = true;
-      if (missing.empty()) {
-        failure->message = std::string("the ") + stage +
-                           " did not complete before the deadline (messages to other "
-                           "processes were not taken up)";
-      } else {
-        failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
-                           ") never arrived at the " + stage +
-                           " (data from them did not come before the deadline)";
-      }
-      return false;
-    }
-    if (progressed) {
+    r.done = true;
+    --left;
+    ++completed;
+    post_next(r);
+  }
+  return completed;
+}
+
+bool MpiCall::Impl::GiveUp(const char* stage, Failure* failure) {
+  if (watch && watch(failure)) return true;
+  if (Clock::now() <= deadline) return false;
+  std::vector<int64_t> missing;
+  for (const Recv& r : recvs) {
+    if (!r.done) missing.push_back(r.process);
+  }
+  std::sort(missing.begin(), missing.end());
+  missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
+  failure->deadline = true;
+  if (missing.empty()) {
+    failure->message = std::string("the ") + stage +
+                       " did not complete before the deadline (messages to other "
+                       "processes were not taken up)";
+  } else {
+    failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
+                       ") never arrived at the " + stage +
+                       " (data from them did not come before the deadline)";
+  }
+  return true;
+}
+
+bool MpiCall::Wait(const char* stage, Failure* failure) {
+  Impl& m = *impl_;
+  WireHeader me;
+  me.seq = seq_;
+  auto pause = std::chrono::microseconds(5);
+  for (;;) {
+    const int completed = m.Sweep(slot_, stage, me, failure);
+    if (completed < 0) return false;
+    if (m.left == 0) break;
+    if (m.GiveUp(stage, failure)) return false;
+    if (completed > 0) {
       pause = std::chrono::microseconds(5);
     } else {
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::microseconds(200));
     }
   }
-  m.recvs.clear();
-  m.sends.clear();
-  m.send_peers.clear();
+  m.Clear();
   return true;
+}
+
+int MpiCall::Progress(const char* stage, Failure* failure) {
+  Impl& m = *impl_;
+  WireHeader me;
+  me.seq = seq_;
+  const int completed = m.Sweep(slot_, stage, me, failure);
+  if (completed < 0) return -1;
+  if (m.left == 0) {
+    m.Clear();
+  } else if (m.GiveUp(stage, failure)) {
+    return -1;
+  }
+  return completed > 0 ? 1 : 0;
+}
+
+bool MpiCall::Pending(int64_t chunk) const {
+  const Impl& m = *impl_;
+  for (const Impl::Send& snd : m.sends) {
+    if (snd.chunk == chunk && snd.req != MPI_REQUEST_NULL) return true;
+  }
+  for (const Impl::Recv& r : m.recvs) {
+    if (r.chunk == chunk && !r.done) return true;
+  }
+  return false;
 }
 
 bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) {
@@ -693,18 +779,24 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
                          ": " + MpiErrorText(rc);
       Poison(failure->message);
       for (auto& r2 : recvs) {
-        if (!r2.done) m.recvs.push_back(r2);
+        if (!r2.done) {
+          m.recvs.push_back(r2);
+          ++m.left;
+        }
       }
       return false;
     }
-    m.sends.push_back(r);
-    m.send_peers.push_back(q);
+    m.sends.push_back(Impl::Send{r, q, 0});
+    ++m.left;
   }
   // Receives stay in `recvs` until matched; unmatched ones move to the call's list on
   // failure, so Abandon cancels them.
   auto give_up = [&]() {
     for (auto& r : recvs) {
-      if (!r.done && r.req != MPI_REQUEST_NULL) m.recvs.push_back(r);
+      if (!r.done && r.req != MPI_REQUEST_NULL) {
+        m.recvs.push_back(r);
+        ++m.left;
+      }
     }
     return false;
   };
@@ -810,12 +902,10 @@ void MpiCall::Abandon(std::vector<std::vector<char>>* buffers) {
     g_api.cancel(&r.req);
     pending.push_back(r.req);
   }
-  for (MPI_Request r : m.sends) {
-    if (r != MPI_REQUEST_NULL) pending.push_back(r);
+  for (const Impl::Send& snd : m.sends) {
+    if (snd.req != MPI_REQUEST_NULL) pending.push_back(snd.req);
   }
-  m.recvs.clear();
-  m.sends.clear();
-  m.send_peers.clear();
+  m.Clear();
   // Cancelled receives and sends already taken up finish at once; give them a moment.
   const auto until = Clock::now() + std::chrono::milliseconds(20);
   for (;;) {
@@ -857,9 +947,11 @@ bool MpiCall::ok(Failure* failure) const {
   return false;
 }
 bool MpiCall::Handshake(WireHeader, DescribeFn, Failure* failure) { return ok(failure); }
-void MpiCall::PostSend(int64_t, int64_t, int, char*, int64_t) {}
-void MpiCall::PostRecv(int64_t, int64_t, int, char*, int64_t) {}
+void MpiCall::PostSend(int64_t, int64_t, int, char*, int64_t, int64_t) {}
+void MpiCall::PostRecv(int64_t, int64_t, int, char*, int64_t, int64_t) {}
 bool MpiCall::Wait(const char*, Failure* failure) { return ok(failure); }
+int MpiCall::Progress(const char*, Failure* failure) { return ok(failure) ? 0 : -1; }
+bool MpiCall::Pending(int64_t) const { return false; }
 bool MpiCall::Done(const std::vector<std::pair<int64_t, int64_t>>&, Failure* failure) {
   return ok(failure);
 }

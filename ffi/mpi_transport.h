@@ -42,6 +42,7 @@ struct WireHeader {
   int64_t copy = 0;
   int64_t seq = 0;            // how many times this process ran the call site before
   int64_t payload_bytes = 0;  // data messages: bytes that follow
+  int64_t chunk = 0;          // data messages: the pipeline chunk the payload belongs to
   // Handshake only.
   int64_t count = 0;  // elements of the whole call (all buffers)
   int64_t num_buffers = 0;
@@ -53,6 +54,7 @@ struct WireHeader {
   int64_t dims[kWireDims] = {};
   uint64_t dims_hash = 0;
   int64_t timeout_ms = 0;
+  int64_t chunks = 0;  // pipeline chunks the call is cut into (JAX_DDL_CHUNK_BYTES)
   char module_name[64] = {};
 };
 
@@ -117,13 +119,23 @@ class MpiCall {
   // never answered.
   bool Handshake(WireHeader mine, DescribeFn describe, Failure* failure);
 
-  // One frame to / from device slot `slot` of `process`, of kind `kind`: `frame` holds
-  // kFrameHeader bytes for the header (filled in here, for a send) and then `bytes` of
-  // payload. It must stay valid until Wait returns, or be handed over by Abandon.
-  void PostSend(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes);
-  void PostRecv(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes);
-  // Completes everything posted; verifies each message (call, stage, exact size).
+  // One frame to / from device slot `slot` of `process`, of kind `kind`, for pipeline
+  // chunk `chunk`: `frame` holds kFrameHeader bytes for the header (filled in here, for a
+  // send) and then `bytes` of payload. It must stay valid until the request completed
+  // (Wait, or Progress until Pending(chunk) is false), or be handed over by Abandon.
+  void PostSend(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes,
+                int64_t chunk = 0);
+  void PostRecv(int64_t process, int64_t slot, int kind, char* frame, int64_t bytes,
+                int64_t chunk = 0);
+  // Completes everything posted; verifies each message (call, stage, chunk, exact size).
   bool Wait(const char* stage, Failure* failure);
+  // Without waiting: tests every posted request once (verifying what arrived like Wait).
+  // 1 when some completed, 0 when none did, -1 on a failure, a failure of a watched
+  // rendezvous, or the deadline passed with requests still pending (*failure says why,
+  // naming the processes whose data did not come).
+  int Progress(const char* stage, Failure* failure);
+  // Whether requests of `chunk` are still pending (as of the last Wait or Progress).
+  bool Pending(int64_t chunk) const;
   // Tells each of `peers` (process, slot) that this call is through and waits for the
   // same from them: MPI's progress is weak (a send may need its receiver to keep calling
   // MPI), and a call succeeds only if all its peers reached the end of it.

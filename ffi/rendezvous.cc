@@ -8,7 +8,6 @@
 namespace jax_ddl {
 namespace {
 
-constexpr int kMaxPhases = 128;
 constexpr size_t kTombstones = 64;
 
 std::string RankList(const std::vector<int64_t>& ranks) {
@@ -302,7 +301,7 @@ bool Registry::Fail(Rendezvous* r, int64_t rank, Failure* failure,
 
 void Counters::Reset() {
   for (auto* c : {&calls, &bytes, &errors, &small_calls, &arrive_ns, &reduce_scatter_ns,
-                  &broadcast_ns, &small_ns, &stale_messages, &quiesce_ns}) {
+                  &broadcast_ns, &small_ns, &stale_messages, &chunks, &quiesce_ns}) {
     c->store(0);
   }
 }

@@ -20,6 +20,9 @@ namespace jax_ddl {
 
 using Clock = std::chrono::steady_clock;
 
+// Barrier phases one rendezvous supports (arrival is phase 0).
+constexpr int kMaxPhases = 128;
+
 // `start` + `timeout_ms`; a negative timeout means no limit (a deadline a century away).
 Clock::time_point Deadline(Clock::time_point start, int64_t timeout_ms);
 
@@ -164,6 +167,7 @@ struct Counters {
   std::atomic<uint64_t> broadcast_ns{0};
   std::atomic<uint64_t> small_ns{0};
   std::atomic<uint64_t> stale_messages{0};  // late messages of failed calls, discarded
+  std::atomic<uint64_t> chunks{0};          // pipeline chunks of calls across processes
   std::atomic<uint64_t> quiesce_ns{0};  // failing ranks waiting for peers to stop writing
   void Reset();
 };

@@ -40,13 +40,14 @@ int64_t SiteBytes() { return g_site_bytes.load(std::memory_order_relaxed); }
 xla::ffi::TypeId Site::id = {};
 
 Site::Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
-           int64_t small_bytes)
+           int64_t small_bytes, int64_t chunk_bytes)
     : identity_(std::move(identity)),
       serial_(NextSiteSerial()),
       op_(op),
       dims_(std::move(dims)),
       timeout_ms_(timeout_ms),
-      small_bytes_(small_bytes) {
+      small_bytes_(small_bytes),
+      chunk_bytes_(chunk_bytes) {
   g_live_sites.fetch_add(1, std::memory_order_relaxed);
 }
 

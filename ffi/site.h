@@ -64,7 +64,7 @@ class Site {
   static xla::ffi::TypeId id;
 
   Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
-       int64_t small_bytes);
+       int64_t small_bytes, int64_t chunk_bytes);
   ~Site();
   Site(const Site&) = delete;
   Site& operator=(const Site&) = delete;
@@ -77,6 +77,8 @@ class Site {
   const std::vector<int64_t>& dims() const { return dims_; }
   int64_t timeout_ms() const { return timeout_ms_; }  // < 0: no limit
   int64_t small_bytes() const { return small_bytes_; }
+  // Across processes: bytes (of one device's buffer) per pipeline chunk; 0: one chunk.
+  int64_t chunk_bytes() const { return chunk_bytes_; }
 
   // The plan and its mapping onto processes, made on first use (the MPI transport may be
   // attached after compilation). Returns false with *error if the topology is invalid.
@@ -97,6 +99,7 @@ class Site {
   std::vector<int64_t> dims_;
   int64_t timeout_ms_;
   int64_t small_bytes_;
+  int64_t chunk_bytes_;
 
   std::mutex mu_;
   std::atomic<bool> prepared_{false};

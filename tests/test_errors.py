@@ -89,6 +89,13 @@ def test_bad_small_bytes_setting(monkeypatch):
         _run(lambda v: jax_ddl.psum(v, "i"))
 
 
+def test_bad_chunk_bytes_setting(monkeypatch):
+    for bad, what in (("4M", "integer byte count"), ("-1", ">= 0")):
+        monkeypatch.setenv("JAX_DDL_CHUNK_BYTES", bad)
+        with pytest.raises(ValueError, match=f"JAX_DDL_CHUNK_BYTES must be .*{what}"):
+            _run(lambda v: jax_ddl.psum(v, "i"))
+
+
 def test_positional_axis_rejected():
     with pytest.raises(ValueError, match="positional axis 0"):
         _run(lambda v: jax_ddl.psum(v, ("i", 0)))

@@ -368,8 +368,9 @@ def test_a_process_late_past_the_deadline_never_gets_wrong_sums():
     """Process 1 arrives 5 s late (deadline 3 s) at the first of four calls of one jitted
     psum, inputs scaled by 1..4. Every call either returns exact sums or fails clearly:
     late frames of abandoned calls are recognised and dropped, never taken for the next
-    call's. The processes fall back in step within the four calls."""
-    calls = _recovery("late", env={"LATE_S": "5"})
+    call's. The processes fall back in step within the four calls. Each call is cut into 8
+    pipeline chunks, so a failure leaves several chunks' messages in flight."""
+    calls = _recovery("late", env={"LATE_S": "5", "JAX_DDL_CHUNK_BYTES": "100000"})
     assert len(calls) == 8
     assert "wrong" not in {v[0] for v in calls.values()}, calls
     assert calls[(0, "call1")][0] == "error" and "never arrived" in calls[(0, "call1")][2]
@@ -387,10 +388,23 @@ def test_processes_with_different_topologies_fail_at_once_naming_both():
         assert calls[(rank, "agreed")][0] == "ok"
 
 
+def test_processes_that_chunk_a_call_differently_fail_at_once_naming_both():
+    calls = _recovery("chunking")
+    for rank, (mine, theirs) in ((0, (9, 5)), (1, (5, 9))):
+        verdict, seconds, message = calls[(rank, "mismatch")]
+        assert verdict == "error" and seconds < 3, calls
+        assert f"this process cuts it into {mine} chunks, process {1 - rank} into {theirs}" in (
+            message
+        )
+        assert "JAX_DDL_CHUNK_BYTES" in message
+        assert calls[(rank, "agreed")][0] == "ok"
+
+
 def test_a_short_message_is_an_error_never_stale_bytes():
     """Process 1 sends every data frame one byte short: process 0 names the sizes (its
-    MPI_Get_count check), process 1 fails by the deadline; the next call is exact."""
-    calls = _recovery("short")
+    MPI_Get_count check), process 1 fails by the deadline; the next call is exact. In 8
+    pipeline chunks: the failure abandons the messages of the chunks still in flight."""
+    calls = _recovery("short", env={"JAX_DDL_CHUNK_BYTES": "100000"})
     verdict, _, message = calls[(0, "short")]
     assert verdict == "error" and re.search(
         r"sent a frame of (\d+) bytes where (\d+) were", message

@@ -327,9 +327,10 @@ std::string BarrierFailure(CudaSite* site, const CudaDevice& d) {
 
 ffi::ErrorOr<std::unique_ptr<CudaSite>> InstantiateCuda(int32_t op, ffi::Span<const int64_t> dims,
                                                         int64_t timeout_ms, int64_t small_bytes,
-                                                        int64_t module, int64_t site,
-                                                        std::string_view name) {
+                                                        int64_t chunk_bytes, int64_t module,
+                                                        int64_t site, std::string_view name) {
   (void)small_bytes;  // the CUDA engine has one path
+  (void)chunk_bytes;  // and no cross-process stages yet
   auto invalid = [](const std::string& m) {
     return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + m));
   };
@@ -608,6 +609,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCudaInstantiate, InstantiateCuda,
                                   .Attr<ffi::Span<const int64_t>>("dims")
                                   .Attr<int64_t>("timeout_ms")
                                   .Attr<int64_t>("small_bytes")
+                                  .Attr<int64_t>("chunk_bytes")
                                   .Attr<int64_t>("module")
                                   .Attr<int64_t>("site")
                                   .Attr<std::string_view>("name"));

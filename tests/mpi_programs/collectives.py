@@ -91,6 +91,35 @@ for topo in topologies:
     for got in rows(spmd(lambda v, t=topo: jax_ddl.psum(v, "i", topology=t))(noise_in)):
         np.testing.assert_array_equal(got, plan_order_sum(noise, dims), err_msg=f"topology {topo}")
 
+# Pipelined chunks (JAX_DDL_CHUNK_BYTES, read when a call is traced): the same bits as one
+# chunk, for every topology, in float32 and in bfloat16 (float32 scratch between local
+# stages), over several buffers of odd sizes whose chunks straddle buffer boundaries.
+os.environ["JAX_DDL_CHUNK_BYTES"] = "1000"
+tree_noise = {"a": noise[:, :1237], "b": noise[:, 1237:]}
+tree_noise_in = jax.tree_util.tree_map(global_array, tree_noise)
+bf = noise.astype(jnp.bfloat16)
+bf_in = global_array(bf)
+for topo in topologies:
+    dims = default if topo is None else tuple(int(d) for d in topo.split("x"))
+    across = local in np.cumprod(dims).tolist()
+    jax_ddl.reset_counters()
+    f = spmd(lambda t, tp=topo: jax_ddl.psum(t, "i", topology=tp))
+    out = f(tree_noise_in)
+    ref = plan_order_sum(noise, dims)
+    for got_a, got_b in zip(rows(out["a"]), rows(out["b"])):
+        np.testing.assert_array_equal(np.concatenate([got_a, got_b]), ref, err_msg=f"{topo}")
+    # 16396 bytes per device in 1000-byte chunks: 17 chunks per device thread, where the
+    # grid splits at the process boundary (the hierarchy); other grids run unchunked.
+    assert jax_ddl.counters()["chunks"] == (17 * local if across else 0), (topo, jax_ddl.counters())
+    del os.environ["JAX_DDL_CHUNK_BYTES"]
+    one = spmd(lambda t, tp=topo: jax_ddl.psum(t, "i", topology=tp))(bf_in)
+    os.environ["JAX_DDL_CHUNK_BYTES"] = "1000"
+    many = f(bf_in)
+    for a, b in zip(rows(one), rows(many)):
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16), err_msg=f"{topo}")
+    del f, out, one, many
+del os.environ["JAX_DDL_CHUNK_BYTES"]
+
 # Scratch of a call site: message frames sized by the slices a call sends and receives,
 # never by whole buffers (each frame area was once (k - 1) whole regions: 8x the buffer per
 # device for the flat spec over 2 processes x 4 devices). Per process, for B bytes per

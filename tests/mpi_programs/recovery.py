@@ -8,6 +8,8 @@ recovery after failures, per argv[1] (argv[2]: local devices per process):
   late      process 1 sleeps past the deadline before the first of four calls of one
             jitted psum (inputs scaled by 1, 2, 3, 4).
   topology  the processes give different topologies for one call, then agree.
+  chunking  the processes cut one call into different pipeline chunks
+            (JAX_DDL_CHUNK_BYTES), then agree.
   short     process 1 sends every data frame one byte short (test-only fault), then not.
   user-init the program starts jax.distributed itself (jax.distributed.initialize with
             the MPI rank as process id, no jax_ddl.distributed); jax_ddl attaches its MPI
@@ -134,6 +136,12 @@ elif mode == "topology":
     mine = "2x2" if rank == 0 else "4"
     report("mismatch", lambda: spmd(lambda v: jax_ddl.psum(v, "i", topology=mine))(x), total)
     report("agreed", lambda: spmd(lambda v: jax_ddl.psum(v, "i", topology="2x2"))(x), total)
+
+elif mode == "chunking":
+    os.environ["JAX_DDL_CHUNK_BYTES"] = "100000" if rank == 0 else "200000"
+    report("mismatch", lambda: spmd(lambda v: jax_ddl.psum(v, "i"))(x), total)
+    os.environ["JAX_DDL_CHUNK_BYTES"] = "100000"
+    report("agreed", lambda: spmd(lambda v: jax_ddl.psum(v, "i"))(x), total)
 
 elif mode == "user-init":
     report("default", lambda: spmd(lambda v: jax_ddl.psum(v, "i"))(x), total)

@@ -29,6 +29,9 @@ SUPPORTED_DTYPES = tuple(
 )
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_SMALL_BYTES = 16 * 1024
+# Across processes a call is cut into chunks of about this many bytes (of one device's
+# buffer) whose stages run as a pipeline: docs/design.md, "Pipelined chunks".
+DEFAULT_CHUNK_BYTES = 4 << 20
 
 for _platform, _stages in _ddl.registrations().items():
     # Each call site's state (identity, scratch) lives in an FFI state that XLA creates
@@ -89,6 +92,22 @@ def small_bytes() -> int:
     return value
 
 
+def chunk_bytes() -> int:
+    """JAX_DDL_CHUNK_BYTES: bytes per pipeline chunk across processes; 0 turns it off."""
+    raw = os.environ.get("JAX_DDL_CHUNK_BYTES")
+    if raw is None or raw == "":
+        return DEFAULT_CHUNK_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"JAX_DDL_CHUNK_BYTES must be an integer byte count (0: no pipelining); got {raw!r}"
+        ) from None
+    if value < 0:
+        raise ValueError(f"JAX_DDL_CHUNK_BYTES must be >= 0 (0: no pipelining); got {raw!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------
 # The primitive. Operands: rank (int32), group (int32), then the arrays to reduce.
 
@@ -96,8 +115,8 @@ allreduce_p = compat.Primitive("ddl_allreduce")
 allreduce_p.multiple_results = True
 
 
-def _abstract_eval(rank, group, *avals, axes, op, grid, timeout, small, inplace, vma):
-    del rank, group, op, grid, timeout, small, inplace
+def _abstract_eval(rank, group, *avals, axes, op, grid, timeout, small, chunk, inplace, vma):
+    del rank, group, op, grid, timeout, small, chunk, inplace
     if vma:
         outs = [compat.with_vma(a, compat.vma(a) - frozenset(axes)) for a in avals]
     else:
@@ -144,7 +163,7 @@ def _check_device_layout(mesh, axes) -> None:
     )
 
 
-def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, inplace, vma):
+def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, chunk, inplace, vma):
     del vma
     _check_device_layout(compat.lowering_mesh(ctx), axes)
     aliases = {i + 2: i for i in range(len(xs))} if inplace else None
@@ -162,6 +181,7 @@ def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, inplace, vm
         dims=np.asarray(grid, np.int64),
         timeout_ms=np.int64(timeout),
         small_bytes=np.int64(small),
+        chunk_bytes=np.int64(chunk),
         module=np.int64(module),
         site=np.int64(site),
         name=name,
@@ -377,6 +397,7 @@ def allreduce(
             grid=tuple(dims),
             timeout=timeout_ms(),
             small=small_bytes(),
+            chunk=chunk_bytes(),
             inplace=bool(inplace),
             vma=vma,
         )
@@ -495,8 +516,10 @@ def counters() -> dict:
       dict with `calls` (custom calls, one per device per dtype group), `bytes` (bytes
       reduced, summed over devices), `errors`, `small_calls` (calls that took the one-shot
       small-message path), `stale_messages` (late cross-process messages of failed calls,
-      recognised and dropped), `lax_leaves` (leaves handed to jax.lax when a call was
-      traced: dtypes jax_ddl does not reduce, or axis_index_groups), and seconds summed
+      recognised and dropped), `chunks` (pipeline chunks of calls across processes, summed
+      over device threads: see JAX_DDL_CHUNK_BYTES), `lax_leaves` (leaves handed to
+      jax.lax when a call was traced: dtypes jax_ddl does not reduce, or
+      axis_index_groups), and seconds summed
       over device threads: `arrive_s` (waiting for all ranks), `reduce_scatter_s` (every
       stage but the last, with its barrier), `broadcast_s` (the last stage: reduce and
       write into every rank's output, then the exit barrier), `small_s` (the one-shot
