@@ -31,6 +31,21 @@ def test_bad_arguments_are_rejected(capsys):
     assert "--minbytes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "sideways"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--impls", "jax_ddl,nccl"])
+    assert "--impls must list some of jax_ddl, ddl-flat, lax.psum, mpi" in capsys.readouterr().err
+
+
+def test_impls_choose_the_rows():
+    args = bench.parse_args("-b 4K -e 4K -n 1 -w 0 --topology 2x4 --impls ddl-flat,jax_ddl".split())
+    out = io.StringIO()
+    result, wrong = bench.run(args, out=out)
+    assert wrong == 0 and [r["impl"] for r in result["rows"]] == ["jax_ddl", "ddl-flat"]
+    assert "x_lax" not in result["rows"][0]["oop"] and "x lax oop" not in out.getvalue()
+    assert "# topology 2x4 against flat 8" in out.getvalue()
+    # In one process there is no MPI row to run.
+    with pytest.raises(SystemExit, match="none of --impls mpi applies"):
+        bench.run(bench.parse_args("-b 4K -e 4K --impls mpi".split()), out=io.StringIO())
 
 
 @pytest.mark.parametrize("dtype,op", [("float32", "sum"), ("bfloat16", "max"), ("int64", "min")])

@@ -39,6 +39,9 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+IMPLS = ("jax_ddl", "ddl-flat", "lax.psum", "mpi")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m jax_ddl.bench",
@@ -85,6 +88,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--modes", default="oop,ip", help="comma list of oop (out-of-place), ip (in-place)"
     )
+    p.add_argument(
+        "--impls",
+        default=None,
+        help="comma list of the rows to run among " + ", ".join(IMPLS) + " (default: every "
+        "one that applies; x lax needs lax.psum)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write all rows and settings as JSON")
     args = p.parse_args(argv)
     if args.minbytes > args.maxbytes:
@@ -97,6 +106,11 @@ def parse_args(argv=None):
     if not modes or any(m not in ("oop", "ip") for m in modes):
         p.error(f"--modes must list oop and/or ip; got {args.modes!r}")
     args.modes = modes
+    if args.impls is not None:
+        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+        if not impls or any(i not in IMPLS for i in impls):
+            p.error(f"--impls must list some of {', '.join(IMPLS)}; got {args.impls!r}")
+        args.impls = impls
     return args
 
 
@@ -251,6 +265,13 @@ def run(args, out=sys.stdout):
         # Across processes, also a raw MPI_Allreduce (mpi4py) of one buffer per process:
         # with one device per process, the same bytes jax_ddl and gloo reduce.
         impls.append("mpi")
+    if args.impls is not None:
+        impls = [i for i in impls if i in args.impls]
+        if not impls:
+            raise SystemExit(
+                f"error: none of --impls {','.join(args.impls)} applies to this run (ddl-flat "
+                "needs a topology of several dimensions, mpi several processes)"
+            )
     header = {
         "devices": h.n,
         "processes": h.procs,
@@ -281,7 +302,8 @@ def run(args, out=sys.stdout):
         f" | {m:>3} {'time(us)':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'bound%':>6}"
         for m in args.modes
     )
-    cols += "".join(f" {'x lax ' + m:>9}" for m in args.modes)
+    if "lax.psum" in impls:
+        cols += "".join(f" {'x lax ' + m:>9}" for m in args.modes)
     units = "".join(
         f" | {'':>3} {'':>10} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6} {'':>6}" for _ in args.modes
     )
@@ -345,7 +367,7 @@ def run(args, out=sys.stdout):
                     f" | {mode:>3} {t * 1e6:>10.1f} {algbw:>7.2f} {algbw * bus:>7.2f} "
                     f"{wrong[impl, mode]:>6} {100 * bound_s / t:>6.1f}"
                 )
-            if impl != "lax.psum":
+            if impl != "lax.psum" and "lax.psum" in impls:
                 for mode in args.modes:
                     ratio = med["lax.psum", mode] / med[impl, mode]
                     row[mode]["x_lax"] = ratio
