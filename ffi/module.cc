@@ -124,10 +124,20 @@ NB_MODULE(_ddl, m) {
           k = FaultKind::kStall;
         else if (kind == "short")
           k = FaultKind::kShort;
+        else if (kind == "hold")
+          k = FaultKind::kHold;
         else
           throw nb::value_error(
-              "fault kind must be 'none', 'skip', 'lie', 'delay', 'stall' or 'short'");
+              "fault kind must be 'none', 'skip', 'lie', 'delay', 'stall', 'short' or 'hold'");
         jax_ddl::SetFault(k, rank, ms, count);
       },
       nb::arg("kind"), nb::arg("rank") = -1, nb::arg("ms") = 0, nb::arg("count") = -1);
+  // The "hold" fault: a held call arrives once this is called (or its time ran out).
+  m.def("release_hold", &jax_ddl::ReleaseHold);
+  m.def("holds", []() {
+    nb::dict d;
+    d["released"] = jax_ddl::HoldsReleased();
+    d["expired"] = jax_ddl::HoldsExpired();
+    return d;
+  });
 }

@@ -182,11 +182,18 @@ enum class FaultKind : int {
   kDelay = 3,  // arrive `ms` late
   kStall = 4,  // after arriving, keep working on the peers' buffers for `ms`
   kShort = 5,  // send every cross-process data message one element short
+  kHold = 6,   // arrive only once ReleaseHold() is called (or after `ms`)
 };
 void SetFault(FaultKind kind, int64_t rank, int64_t ms, int64_t count);
 // The fault to apply to this call of `rank`, consuming one firing.
 FaultKind TakeFault(int64_t rank, int64_t* ms);
 // Whether `kind` is armed for `rank` (without consuming it).
 bool FaultArmed(FaultKind kind, int64_t rank);
+// kHold: waits until ReleaseHold() is called or `ms` passed; true if it was released.
+bool WaitHold(int64_t ms);
+void ReleaseHold();
+// Holds ended by ReleaseHold(), and by their time running out, since the process started.
+int64_t HoldsReleased();
+int64_t HoldsExpired();
 
 }  // namespace jax_ddl

@@ -40,18 +40,30 @@ int64_t SiteBytes() { return g_site_bytes.load(std::memory_order_relaxed); }
 xla::ffi::TypeId Site::id = {};
 
 Site::Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
-           int64_t small_bytes, int64_t chunk_bytes)
+           int64_t small_bytes, int64_t chunk_bytes, std::vector<int64_t> device_ranks)
     : identity_(std::move(identity)),
       serial_(NextSiteSerial()),
       op_(op),
       dims_(std::move(dims)),
       timeout_ms_(timeout_ms),
       small_bytes_(small_bytes),
-      chunk_bytes_(chunk_bytes) {
+      chunk_bytes_(chunk_bytes),
+      device_ranks_(std::move(device_ranks)) {
   g_live_sites.fetch_add(1, std::memory_order_relaxed);
 }
 
 Site::~Site() { g_live_sites.fetch_sub(1, std::memory_order_relaxed); }
+
+bool Site::RanksOf(int64_t device, int64_t* rank, int64_t* group) const {
+  for (size_t i = 0; i + 2 < device_ranks_.size(); i += 3) {
+    if (device_ranks_[i] == device) {
+      *rank = device_ranks_[i + 1];
+      *group = device_ranks_[i + 2];
+      return true;
+    }
+  }
+  return false;
+}
 
 int64_t LiveSites() { return g_live_sites.load(std::memory_order_relaxed); }
 

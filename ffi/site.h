@@ -64,7 +64,7 @@ class Site {
   static xla::ffi::TypeId id;
 
   Site(SiteIdentity identity, Op op, std::vector<int64_t> dims, int64_t timeout_ms,
-       int64_t small_bytes, int64_t chunk_bytes);
+       int64_t small_bytes, int64_t chunk_bytes, std::vector<int64_t> device_ranks);
   ~Site();
   Site(const Site&) = delete;
   Site& operator=(const Site&) = delete;
@@ -79,6 +79,11 @@ class Site {
   int64_t small_bytes() const { return small_bytes_; }
   // Across processes: bytes (of one device's buffer) per pipeline chunk; 0: one chunk.
   int64_t chunk_bytes() const { return chunk_bytes_; }
+  // Whether the program carries each device's rank and group (then its rank operands are
+  // placeholders), and the ones of `device` (a device id as XLA's CPU runtime passes it):
+  // false when the table does not list it.
+  bool has_device_ranks() const { return !device_ranks_.empty(); }
+  bool RanksOf(int64_t device, int64_t* rank, int64_t* group) const;
 
   // The plan and its mapping onto processes, made on first use (the MPI transport may be
   // attached after compilation). Returns false with *error if the topology is invalid.
@@ -100,6 +105,7 @@ class Site {
   int64_t timeout_ms_;
   int64_t small_bytes_;
   int64_t chunk_bytes_;
+  std::vector<int64_t> device_ranks_;  // (device id, rank, group) triples
 
   std::mutex mu_;
   std::atomic<bool> prepared_{false};

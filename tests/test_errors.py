@@ -231,7 +231,9 @@ def test_platform_without_handler_is_a_clear_error():
 def test_cuda_handler_is_built_where_nvcc_is():
     """An install on a machine with nvcc builds and registers the CUDA handler (CI has
     nvcc, so a CUDA compile error fails CI); the program then lowers for CUDA to the same
-    custom call, with the same attributes as on CPU."""
+    custom call, with the same attributes as on CPU but the device table: on CPU each
+    device's rank and group are an attribute (the rank operands constants), on CUDA the
+    operands carry them."""
     if shutil.which("nvcc") is None:
         assert "cuda" not in jax_ddl.supported_platforms()
         pytest.skip("no nvcc on this machine: the CPU engine alone is built")
@@ -244,10 +246,19 @@ def test_cuda_handler_is_built_where_nvcc_is():
         p: f.trace(jnp.ones((8, 4))).lower(lowering_platforms=(p,)).as_text()
         for p in ("cpu", "cuda")
     }
-    # Attributes but the module number (each lowering is the next module of its name).
+    # Attributes but the module number (each lowering is the next module of its name),
+    # the device table and the operands' names.
+    table = r"device_ranks = dense<([^>]*)> : tensor<\d+xi64>"
+    tables = {p: re.findall(table, t) for p, t in text.items()}
+    assert tables["cuda"] == [""], tables  # empty: the operands carry rank and group
+    assert tables["cpu"] == ["[" + ", ".join(f"{d}, {d}, 0" for d in range(8)) + "]"], tables
     calls = {
         p: [
-            re.sub(r"module = \d+", "module = N", line.split("@")[1])
+            re.sub(
+                r"\(%[^)]*\)",
+                "(...)",
+                re.sub(table, "T", re.sub(r"module = \d+", "module = N", line)),
+            ).split("@")[1]
             for line in t.splitlines()
             if "custom_call @jax_ddl" in line
         ]

@@ -286,3 +286,37 @@ def test_random_programs_with_loops_and_branches_match_their_model(calls):
 @given(calls=_calls(STRAIGHT))
 def test_random_straight_line_programs_match_lax(calls):
     _run_random(calls, "lax")
+
+
+def test_independent_work_runs_while_a_call_waits_for_its_peers():
+    """XLA runs a device's work that does not depend on a pending jax_ddl call while the
+    call waits: rank 7's call is held until a host callback in the independent branch
+    releases it. Were that branch ordered after the call (as it was while the call's rank
+    operands were temporaries whose memory XLA reused for later work), the hold would run
+    out (after 20 s) instead of being released, and nothing could overlap a reduction."""
+    from jax_ddl import _ddl
+
+    def body(g, a):
+        total = jax_ddl.psum(g, "i")
+        h = a  # independent of the call, and long enough (XLA runs programs of at most
+        for _ in range(6):  # 8 steps one step after the other)
+            h = jnp.tanh(h @ h.T * 1e-2)
+        jax.debug.callback(lambda _: _ddl.release_hold(), h)
+        return total, h
+
+    f = _spmd(body, out_specs=(P("i"), P("i")))
+    g = int_valued((N * BIG,), jnp.float32, seed=3)
+    a = jnp.ones((N * 64, 64), jnp.float32)
+    jax.block_until_ready(f(g, a))  # compiled, and every device's state made
+    before = _ddl.holds()
+    _ddl.set_fault("hold", 7, 20000, 1)
+    try:
+        total, h = f(g, a)
+        jax.block_until_ready((total, h))
+    finally:
+        _ddl.set_fault("none")
+    after = _ddl.holds()
+    assert after["expired"] == before["expired"], "the independent branch waited for the call"
+    assert after["released"] == before["released"] + 1
+    for row in _rows(total):
+        np.testing.assert_array_equal(row, _rows(g).sum(0))

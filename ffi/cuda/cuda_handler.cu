@@ -327,10 +327,14 @@ std::string BarrierFailure(CudaSite* site, const CudaDevice& d) {
 
 ffi::ErrorOr<std::unique_ptr<CudaSite>> InstantiateCuda(int32_t op, ffi::Span<const int64_t> dims,
                                                         int64_t timeout_ms, int64_t small_bytes,
-                                                        int64_t chunk_bytes, int64_t module,
-                                                        int64_t site, std::string_view name) {
-  (void)small_bytes;  // the CUDA engine has one path
-  (void)chunk_bytes;  // and no cross-process stages yet
+                                                        int64_t chunk_bytes,
+                                                        ffi::Span<const int64_t> device_ranks,
+                                                        int64_t module, int64_t site,
+                                                        std::string_view name) {
+  (void)small_bytes;   // the CUDA engine has one path
+  (void)chunk_bytes;   // and no cross-process stages yet
+  (void)device_ranks;  // empty on CUDA: the rank operands are read (the CPU engine's table
+                       // is keyed by device id, a CUDA handler sees local ordinals)
   auto invalid = [](const std::string& m) {
     return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_ddl_allreduce: " + m));
   };
@@ -610,6 +614,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCudaInstantiate, InstantiateCuda,
                                   .Attr<int64_t>("timeout_ms")
                                   .Attr<int64_t>("small_bytes")
                                   .Attr<int64_t>("chunk_bytes")
+                                  .Attr<ffi::Span<const int64_t>>("device_ranks")
                                   .Attr<int64_t>("module")
                                   .Attr<int64_t>("site")
                                   .Attr<std::string_view>("name"));

@@ -9,6 +9,7 @@ reduced axes; the transpose is a no-op cast to varying (check_vma) or another al
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import defaultdict
@@ -115,8 +116,10 @@ allreduce_p = compat.Primitive("ddl_allreduce")
 allreduce_p.multiple_results = True
 
 
-def _abstract_eval(rank, group, *avals, axes, op, grid, timeout, small, chunk, inplace, vma):
-    del rank, group, op, grid, timeout, small, chunk, inplace
+def _abstract_eval(
+    rank, group, *avals, axes, group_axes, op, grid, timeout, small, chunk, inplace, vma
+):
+    del rank, group, group_axes, op, grid, timeout, small, chunk, inplace
     if vma:
         outs = [compat.with_vma(a, compat.vma(a) - frozenset(axes)) for a in avals]
     else:
@@ -163,10 +166,52 @@ def _check_device_layout(mesh, axes) -> None:
     )
 
 
-def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, chunk, inplace, vma):
+def _device_ranks(mesh, axes, group_axes) -> np.ndarray:
+    """[device id, rank, group, ...] for every device of `mesh`: its index over `axes` (what
+    lax.axis_index(axes) gives it) and over `group_axes`, as int64 triples."""
+    names = list(mesh.axis_names)
+    devs = np.asarray(mesh.devices)
+    table = []
+    for idx in np.ndindex(devs.shape):
+        pos = dict(zip(names, idx))
+        rank = group = 0
+        for a in axes:
+            rank = rank * mesh.shape[a] + pos[a]
+        for a in group_axes:
+            group = group * mesh.shape[a] + pos[a]
+        table += [devs[idx].id, rank, group]
+    return np.asarray(table, np.int64)
+
+
+def _lowering(
+    ctx,
+    rank,
+    group,
+    *xs,
+    axes,
+    group_axes,
+    op,
+    grid,
+    timeout,
+    small,
+    chunk,
+    inplace,
+    vma,
+    platform,
+):
     del vma
-    _check_device_layout(compat.lowering_mesh(ctx), axes)
+    mesh = compat.lowering_mesh(ctx)
+    _check_device_layout(mesh, axes)
     aliases = {i + 2: i for i in range(len(xs))} if inplace else None
+    # On CPU, with the mesh known, each device's rank and group go in an attribute (looked
+    # up by the device id XLA's CPU runtime passes) and the rank operands are constants:
+    # computed operands are temporaries whose memory XLA reuses for later work once the
+    # call has read them, which makes its executor run that work only after the call
+    # completed, so nothing would overlap an asynchronous call (docs/design.md, "Threads").
+    table = np.zeros(0, np.int64)
+    if platform == "cpu" and mesh is not None and all(a in mesh.shape for a in axes):
+        table = _device_ranks(mesh, axes, group_axes)
+        rank = group = compat.mlir.ir_constant(np.int32(0))
     # The side effect keeps XLA from removing or merging calls. It does not order them:
     # XLA's CPU executor runs independent calls concurrently and in any order, and the
     # engine pairs them by identity (docs/design.md, "Call identity").
@@ -182,6 +227,7 @@ def _lowering(ctx, rank, group, *xs, axes, op, grid, timeout, small, chunk, inpl
         timeout_ms=np.int64(timeout),
         small_bytes=np.int64(small),
         chunk_bytes=np.int64(chunk),
+        device_ranks=table,
         module=np.int64(module),
         site=np.int64(site),
         name=name,
@@ -201,7 +247,10 @@ compat.mlir.register_lowering(allreduce_p, _unsupported_platform)
 # XLA inlines into several instructions of one site number.
 for _platform in _ddl.registrations():
     compat.mlir.register_lowering(
-        allreduce_p, _lowering, platform=_platform.lower(), cacheable=False
+        allreduce_p,
+        functools.partial(_lowering, platform=_platform.lower()),
+        platform=_platform.lower(),
+        cacheable=False,
     )
 
 
@@ -393,6 +442,7 @@ def allreduce(
         group = lax.axis_index(others).astype(jnp.int32) if others else jnp.int32(0)
         params = dict(
             axes=mesh_axes,
+            group_axes=others,
             op=op,
             grid=tuple(dims),
             timeout=timeout_ms(),
