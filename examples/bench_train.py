@@ -9,6 +9,9 @@ broadcast), all per device. With `none` among the modes it also reports each mod
 exposed communication: its step time minus that of `none`.
 
     python examples/bench_train.py --model resnet50 --image-size 32 --batch-size 256
+
+Under mpiexec every process joins one run (jax_ddl.distributed, --host-devices each) and
+the first one reports; every process times its own steps.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from resnet import input_pipeline as data
 from resnet import models
 from resnet import train as training
-from resnet.main import ddl_seconds
+from resnet.main import ddl_seconds, setup_devices
 
 
 def parse(argv=None):
@@ -40,7 +43,7 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="global batch")
     p.add_argument("--steps", type=int, default=10, help="timed steps per allreduce")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per allreduce")
-    p.add_argument("--host-devices", type=int, default=8)
+    p.add_argument("--host-devices", type=int, default=8, help="per process under mpiexec")
     p.add_argument(
         "--modes",
         default="ddl,lax",
@@ -53,7 +56,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    jax.config.update("jax_num_cpu_devices", args.host_devices)
+    setup_devices(args.host_devices, "auto")
     mesh = training.global_mesh()
     n_dev = len(mesh.devices.flat)
     if args.batch_size % n_dev:
@@ -140,10 +143,14 @@ def main(argv=None) -> int:
     none = training.NO_REDUCTION
     if none in modes:  # the step time a mode adds over the same step without reduction
         result["exposed_s"] = {m: med[m] - med[none] for m in modes if m != none}
+    result["processes"] = jax.process_count()
+    if jax.process_index() != 0:
+        return 0
     print(
         f"{args.model} {args.image_size}x{args.image_size}, global batch {args.batch_size} "
         f"({result['per_device_batch']}/device) on {n_dev} {jax.devices()[0].platform} "
-        f"devices; {args.steps} timed steps each, alternating"
+        f"devices in {jax.process_count()} process(es); {args.steps} timed steps each, "
+        "alternating"
     )
     exposed = result.get("exposed_s", {})
     print(

@@ -46,9 +46,15 @@ RULES = [
         + ["--steps", "1", "--warmup", "0"],
     ),
     (r"^\.venv/bin/mpiexec -n 2 \.venv/bin/python examples/train\.py", TINY_TRAIN),
+    (
+        r"^\.venv/bin/mpiexec -n 2 \.venv/bin/python examples/bench_train\.py",
+        ["--model", "resnet18", "--width", "4", "--image-size", "8", "--batch-size", "16"]
+        + ["--steps", "1", "--warmup", "0", "--host-devices", "2"],
+    ),
     (r"^\.venv/bin/mpiexec -n 8 ", "8 processes: the same program as the -n 2 run below"),
     (r"^\.venv/bin/mpiexec -n 2 \.venv/bin/python -m jax_ddl\.bench", ["-b", "4K", "-e", "8K"]),
     (r"^\.venv/bin/python -m jax_ddl\.bench", SHORT_BENCH),
+    (r"^\.venv/bin/python examples/plot_step_split\.py", []),
 ]
 
 
@@ -93,8 +99,9 @@ def test_documented_command_runs_from_the_repository_root(doc, command, tmp_path
     argv = [str(BIN / a[len(".venv/bin/") :]) if a.startswith(".venv/bin/") else a for a in argv]
     if "examples/train.py" in command:
         argv += ["--out-dir", str(tmp_path / "run"), "--no-progress"]
-    if "--json" in argv:  # write the scratch folder, not docs/results
-        argv[argv.index("--json") + 1] = str(tmp_path / "bench.json")
+    for flag, name in (("--json", "bench.json"), ("--out", "plot.png")):
+        if flag in argv:  # write the scratch folder, not docs/results
+            argv[argv.index(flag) + 1] = str(tmp_path / name)
     # As a user's shell would have it: not the suite's x64 and device-count settings.
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
