@@ -382,6 +382,32 @@ ffi::Error FinishLarge(const Call& c, Rendezvous* r, bool arrived) {
   return ffi::Error::Success();
 }
 
+// A failure of a call across processes: hands the frames MPI may still use to the
+// transport, names the local slot when the failure is this rank's own, and leaves.
+ffi::Error FailAcross(const Call& c, Rendezvous* r, int64_t slot, MpiCall* mpi, Failure* error,
+                      bool own) {
+  std::vector<std::vector<char>> frames;
+  c.ds->ReleaseMpi(&frames);
+  mpi->Abandon(&frames);  // keeps them while MPI may still use them
+  own = own && !error->local;
+  if (own) {
+    error->message =
+        c.site->context() + ", local slot " + std::to_string(slot) + ": " + error->message;
+  }
+  return LeaveFailed(c, r, slot, error, own);
+}
+
+// Once the local ranks met: MPI waits watch the rendezvous, then the handshake with the same
+// slot of every process, the rank paused (it touches only its own buffers meanwhile).
+// 0: agreed; 1: the handshake failed; -1: the rendezvous failed meanwhile.
+int MeetProcesses(const Call& c, Rendezvous* r, int64_t slot, MpiCall* mpi, Failure* error) {
+  mpi->Watch([r](Failure* f) { return r->Failed(f); });
+  StallIfAsked(c);
+  r->Pause(slot);
+  if (!mpi->Handshake(HeaderOf(c), &DescribeHeader, error)) return 1;
+  return r->Resume(slot, error) ? 0 : -1;
+}
+
 // How many pipeline chunks a call across processes is cut into: about chunk_bytes of one
 // device's buffer each, at least one element each, at most kMaxChunks, and few enough
 // that the local stages' barriers fit one rendezvous.
@@ -497,24 +523,8 @@ ffi::Error RunAcross(const Call& call) {
   if (r->AwaitAll(slot, c.deadline, c.deadline, &error) != 1) {
     return LeaveFailed(c, r, slot, &error, false);
   }
-  // After a failure MPI may still use the frames: hand them to the transport.
-  auto fail = [&](bool own) {
-    std::vector<std::vector<char>> frames;
-    ds.ReleaseMpi(&frames);
-    mpi.Abandon(&frames);
-    own = own && !error.local;
-    if (own) {
-      error.message =
-          c.site->context() + ", local slot " + std::to_string(slot) + ": " + error.message;
-    }
-    return LeaveFailed(c, r, slot, &error, own);
-  };
-  mpi.Watch([r](Failure* f) { return r->Failed(f); });
-  StallIfAsked(c);
-  // While it waits on other processes this rank touches only its own buffers.
-  r->Pause(slot);
-  if (!mpi.Handshake(HeaderOf(c), &DescribeHeader, &error)) return fail(true);
-  if (!r->Resume(slot, &error)) return fail(false);
+  auto fail = [&](bool own) { return FailAcross(c, r, slot, &mpi, &error, own); };
+  if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
   const auto t1 = Clock::now();
   const LocalViews<T> v{r, m.inter != nullptr};
 
@@ -686,21 +696,9 @@ ffi::Error RunSpanning(const Call& c) {
   const auto t0 = Clock::now();
   Rendezvous* r = Join(c, slots, &error);
   if (r == nullptr) return FailWith(error);
-  auto fail = [&](bool own) {
-    std::vector<std::vector<char>> frames;
-    ds.ReleaseMpi(&frames);
-    mpi.Abandon(&frames);  // keeps them while MPI may still use them
-    own = own && !error.local;
-    if (own) error.message = c.site->context() + ", local slot " + std::to_string(slot) + ": " +
-                             error.message;
-    return LeaveFailed(c, r, slot, &error, own);
-  };
+  auto fail = [&](bool own) { return FailAcross(c, r, slot, &mpi, &error, own); };
   if (!r->Arrive(slot, m, c.deadline, &error)) return fail(false);
-  mpi.Watch([r](Failure* f) { return r->Failed(f); });
-  StallIfAsked(c);
-  r->Pause(slot);
-  if (!mpi.Handshake(HeaderOf(c), &DescribeHeader, &error)) return fail(true);
-  if (!r->Resume(slot, &error)) return fail(false);
+  if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
   const auto t1 = Clock::now();
   auto local = [&](int64_t q) { return q >= base && q < base + slots; };
   auto input_view = [&](int64_t q) {

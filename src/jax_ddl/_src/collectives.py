@@ -78,35 +78,28 @@ def timeout_ms() -> int:
     return max(1, int(value * 1000))
 
 
-def small_bytes() -> int:
-    raw = os.environ.get("JAX_DDL_SMALL_BYTES")
+def _env_bytes(name: str, default: int, note: str = "") -> int:
+    """A byte count >= 0 from environment variable `name` (unset or empty: `default`)."""
+    raw = os.environ.get(name)
     if raw is None or raw == "":
-        return DEFAULT_SMALL_BYTES
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(
-            f"JAX_DDL_SMALL_BYTES must be an integer byte count; got {raw!r}"
-        ) from None
+        raise ValueError(f"{name} must be an integer byte count{note}; got {raw!r}") from None
     if value < 0:
-        raise ValueError(f"JAX_DDL_SMALL_BYTES must be >= 0; got {raw!r}")
+        raise ValueError(f"{name} must be >= 0{note}; got {raw!r}")
     return value
+
+
+def small_bytes() -> int:
+    """JAX_DDL_SMALL_BYTES: per-device messages up to this size take the one-barrier path."""
+    return _env_bytes("JAX_DDL_SMALL_BYTES", DEFAULT_SMALL_BYTES)
 
 
 def chunk_bytes() -> int:
     """JAX_DDL_CHUNK_BYTES: bytes per pipeline chunk across processes; 0 turns it off."""
-    raw = os.environ.get("JAX_DDL_CHUNK_BYTES")
-    if raw is None or raw == "":
-        return DEFAULT_CHUNK_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(
-            f"JAX_DDL_CHUNK_BYTES must be an integer byte count (0: no pipelining); got {raw!r}"
-        ) from None
-    if value < 0:
-        raise ValueError(f"JAX_DDL_CHUNK_BYTES must be >= 0 (0: no pipelining); got {raw!r}")
-    return value
+    return _env_bytes("JAX_DDL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES, " (0: no pipelining)")
 
 
 # ---------------------------------------------------------------------------------------
