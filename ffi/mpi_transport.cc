@@ -786,7 +786,7 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
       }
       return false;
     }
-    m.sends.push_back(Impl::Send{r, q, 0});
+    m.sends.push_back(Impl::Send{r, q, -1});  // no chunk's: Pending(0) does not wait on it
     ++m.left;
   }
   // Receives stay in `recvs` until matched; unmatched ones move to the call's list on

@@ -329,15 +329,18 @@ FaultState& Faults() {
 namespace {
 std::mutex g_hold_mu;
 std::condition_variable g_hold_cv;
-int64_t g_hold_generation = 0;
+int64_t g_hold_generation = 0;  // ReleaseHold() calls
+int64_t g_hold_armed_at = 0;     // the generation when the hold fault was armed
 std::atomic<int64_t> g_holds_released{0}, g_holds_expired{0};
 }  // namespace
 
 bool WaitHold(int64_t ms) {
   std::unique_lock<std::mutex> lock(g_hold_mu);
-  const int64_t start = g_hold_generation;
-  const bool released = g_hold_cv.wait_for(lock, std::chrono::milliseconds(ms),
-                                           [&] { return g_hold_generation != start; });
+  // Released by any ReleaseHold() since the fault was armed, also one that came before
+  // this call got here.
+  const bool released = g_hold_cv.wait_for(lock, std::chrono::milliseconds(ms), [&] {
+    return g_hold_generation != g_hold_armed_at;
+  });
   (released ? g_holds_released : g_holds_expired).fetch_add(1);
   return released;
 }
@@ -352,6 +355,10 @@ int64_t HoldsReleased() { return g_holds_released.load(); }
 int64_t HoldsExpired() { return g_holds_expired.load(); }
 
 void SetFault(FaultKind kind, int64_t rank, int64_t ms, int64_t count) {
+  if (kind == FaultKind::kHold) {
+    std::lock_guard<std::mutex> lock(g_hold_mu);
+    g_hold_armed_at = g_hold_generation;
+  }
   FaultState& f = Faults();
   std::lock_guard<std::mutex> lock(f.mu);
   f.kind = kind;

@@ -182,7 +182,8 @@ enum class FaultKind : int {
   kDelay = 3,  // arrive `ms` late
   kStall = 4,  // after arriving, keep working on the peers' buffers for `ms`
   kShort = 5,  // send every cross-process data message one element short
-  kHold = 6,   // arrive only once ReleaseHold() is called (or after `ms`)
+  kHold = 6,   // arrive only once ReleaseHold() is called (or after `ms`); calls inside
+               // one process only
 };
 void SetFault(FaultKind kind, int64_t rank, int64_t ms, int64_t count);
 // The fault to apply to this call of `rank`, consuming one firing.
