@@ -350,6 +350,7 @@ struct MpiCall::Impl {
   std::vector<Recv> recvs;
   std::vector<Send> sends;
   int64_t left = 0;                   // posted requests not complete yet
+  std::vector<int64_t> received;      // frames taken from each process in this call
   std::deque<std::vector<char>> own;  // handshake and done frames
   std::string post_error;             // the first failure to post, reported by Wait
   std::function<bool(Failure*)> watch;
@@ -584,6 +585,8 @@ int MpiCall::Impl::Sweep(int64_t my_slot, const char* stage, const WireHeader& m
     r.done = true;
     --left;
     ++completed;
+    if (r.process >= static_cast<int64_t>(received.size())) received.resize(r.process + 1, 0);
+    ++received[r.process];
     post_next(r);
   }
   return completed;
@@ -603,11 +606,27 @@ bool MpiCall::Impl::GiveUp(const char* stage, Failure* failure) {
     failure->message = std::string("the ") + stage +
                        " did not complete before the deadline (messages to other "
                        "processes were not taken up)";
-  } else {
-    failure->message = "processes " + Join(missing) + " (" + RanksOf(missing) +
-                       ") never arrived at the " + stage +
-                       " (data from them did not come before the deadline)";
+    return true;
   }
+  // Processes nothing came from, and processes that sent part of this call, then stopped.
+  std::vector<int64_t> never, stopped;
+  int64_t frames = 0;
+  for (int64_t q : missing) {
+    const int64_t got = q < static_cast<int64_t>(received.size()) ? received[q] : 0;
+    (got > 0 ? stopped : never).push_back(q);
+    frames += got;
+  }
+  std::string msg;
+  if (!never.empty()) {
+    msg = "processes " + Join(never) + " (" + RanksOf(never) + ") never arrived at the " +
+          stage + " (data from them did not come before the deadline)";
+  }
+  if (!stopped.empty()) {
+    msg += std::string(msg.empty() ? "" : "; ") + "processes " + Join(stopped) + " (" +
+           RanksOf(stopped) + ") stopped sending during the " + stage + " (" +
+           std::to_string(frames) + " of their frames came, then none before the deadline)";
+  }
+  failure->message = msg;
   return true;
 }
 
