@@ -351,6 +351,7 @@ struct MpiCall::Impl {
   std::vector<Send> sends;
   int64_t left = 0;                   // posted requests not complete yet
   std::vector<int64_t> received;      // frames taken from each process in this call
+  std::vector<char> met;              // processes whose handshake of this call came
   std::deque<std::vector<char>> own;  // handshake and done frames
   std::string post_error;             // the first failure to post, reported by Wait
   std::function<bool(Failure*)> watch;
@@ -608,13 +609,17 @@ bool MpiCall::Impl::GiveUp(const char* stage, Failure* failure) {
                        "processes were not taken up)";
     return true;
   }
-  // Processes nothing came from, and processes that sent part of this call, then stopped.
+  // Processes nothing came from, and processes that took part in this call (its handshake,
+  // or some of its frames), then stopped.
   std::vector<int64_t> never, stopped;
   int64_t frames = 0;
+  bool handshake = false;
   for (int64_t q : missing) {
     const int64_t got = q < static_cast<int64_t>(received.size()) ? received[q] : 0;
-    (got > 0 ? stopped : never).push_back(q);
+    const bool shook = q < static_cast<int64_t>(met.size()) && met[q];
+    (got > 0 || shook ? stopped : never).push_back(q);
     frames += got;
+    handshake = handshake || shook;
   }
   std::string msg;
   if (!never.empty()) {
@@ -624,6 +629,7 @@ bool MpiCall::Impl::GiveUp(const char* stage, Failure* failure) {
   if (!stopped.empty()) {
     msg += std::string(msg.empty() ? "" : "; ") + "processes " + Join(stopped) + " (" +
            RanksOf(stopped) + ") stopped sending during the " + stage + " (" +
+           (handshake ? "this call's handshake with them passed; " : "") +
            std::to_string(frames) + " of their frames came, then none before the deadline)";
   }
   failure->message = msg;
@@ -874,6 +880,8 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
       state[i] = 1;
       recvs[i].done = true;
       --left;
+      if (peers[i] >= static_cast<int64_t>(m.met.size())) m.met.resize(peers[i] + 1, 0);
+      m.met[peers[i]] = 1;
     }
     if (left == 0) break;
     if (m.watch && m.watch(failure)) return give_up();

@@ -409,13 +409,15 @@ def test_a_short_message_is_an_error_never_stale_bytes():
     assert verdict == "error" and re.search(
         r"sent a frame of (\d+) bytes where (\d+) were", message
     )
-    # Process 1 took process 0's first frames, then process 0 gave up: it names process 0
-    # as one that stopped sending, not as one that never came.
+    # Process 1 passed this call's handshake with process 0 (and may have taken some of its
+    # frames, depending on how far process 0 got), then process 0 gave up: process 1 names
+    # process 0 as one that stopped sending, not as one that never came.
     verdict, _, message = calls[(1, "short")]
     assert verdict == "error", calls
     assert "processes [0] (ranks 0-1) stopped sending during the cross-process exchange" in (
         message
     ), message
+    assert "this call's handshake with them passed" in message, message
     assert calls[(0, "after")][0] == "ok" and calls[(1, "after")][0] == "ok"
 
 
