@@ -1,10 +1,14 @@
 // Memory bandwidth probe (see membw.h).
 #include "membw.h"
 
+#include "element.h"
+#include "kernels.h"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -40,6 +44,68 @@ double CopyBandwidth(int64_t bytes_per_thread, int threads, int iters) {
   }
   std::sort(rates.begin(), rates.end());
   return rates[rates.size() / 2];
+}
+
+namespace {
+
+// Runs body(t) on `threads` threads started together; returns the seconds all took.
+template <typename Fn>
+double Timed(int threads, Fn&& body) {
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (!go.load()) std::this_thread::yield();
+      body(t);
+    });
+  }
+  while (ready.load() < threads) std::this_thread::yield();
+  const auto start = std::chrono::steady_clock::now();
+  go.store(true);
+  for (auto& th : pool) th.join();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+template <typename T>
+double ReduceRate(int64_t bytes_per_thread, int sources, int threads, int iters) {
+  using A = typename AccumOf<T>::type;
+  const int64_t n = std::max<int64_t>(1, bytes_per_thread / static_cast<int64_t>(sizeof(T)));
+  std::vector<std::vector<T>> bufs(static_cast<size_t>(threads) * (sources + 1));
+  for (auto& b : bufs) b.assign(n, T{});  // touched: no page faults inside the timing
+  std::vector<double> rates;
+  for (int it = 0; it < iters; ++it) {
+    const double secs = Timed(threads, [&](int t) {
+      std::vector<const char*> srcs;
+      for (int q = 0; q < sources; ++q) {
+        srcs.push_back(reinterpret_cast<const char*>(bufs[t * (sources + 1) + q].data()));
+      }
+      char* dst = reinterpret_cast<char*>(bufs[t * (sources + 1) + sources].data());
+      ReduceKernel<Op::kSum, A, T, T>(srcs.data(), sources, &dst, 1, n);
+    });
+    const double bytes = static_cast<double>(n) * sizeof(T) * (sources + 1) * threads;
+    rates.push_back(bytes / secs);
+  }
+  std::sort(rates.begin(), rates.end());
+  return rates[rates.size() / 2];
+}
+
+}  // namespace
+
+double ReduceBandwidth(const char* dtype, int64_t bytes_per_thread, int sources, int threads,
+                       int iters) {
+  threads = std::max(1, threads);
+  iters = std::max(1, iters);
+  sources = std::max(1, sources);
+  const std::string d(dtype);
+  if (d == "float32") return ReduceRate<float>(bytes_per_thread, sources, threads, iters);
+  if (d == "float64") return ReduceRate<double>(bytes_per_thread, sources, threads, iters);
+  if (d == "bfloat16") return ReduceRate<bf16_t>(bytes_per_thread, sources, threads, iters);
+  if (d == "float16") return ReduceRate<f16_t>(bytes_per_thread, sources, threads, iters);
+  if (d == "int32") return ReduceRate<int32_t>(bytes_per_thread, sources, threads, iters);
+  if (d == "int64") return ReduceRate<int64_t>(bytes_per_thread, sources, threads, iters);
+  return -1.0;
 }
 
 }  // namespace jax_ddl

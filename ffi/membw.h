@@ -10,4 +10,12 @@ namespace jax_ddl {
 // threads each copy `bytes_per_thread` between their own pre-touched buffers.
 double CopyBandwidth(int64_t bytes_per_thread, int threads, int iters);
 
+// Median over `iters` rounds of (bytes read + bytes written) per second while `threads`
+// threads each reduce (sum) `sources` pre-touched buffers of `bytes_per_thread` into one
+// destination with the engine's kernel for `dtype` ("float32", "bfloat16", "float16",
+// "float64", "int32", "int64"; 16-bit types accumulate in float32 as the engine does).
+// Returns a negative value for an unknown dtype.
+double ReduceBandwidth(const char* dtype, int64_t bytes_per_thread, int sources, int threads,
+                       int iters);
+
 }  // namespace jax_ddl

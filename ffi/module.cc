@@ -96,6 +96,20 @@ NB_MODULE(_ddl, m) {
   });
   m.def("copy_bandwidth", &jax_ddl::CopyBandwidth, nb::arg("bytes_per_thread"), nb::arg("threads"),
         nb::arg("iters"), nb::call_guard<nb::gil_scoped_release>());
+  m.def(
+      "reduce_bandwidth",
+      [](const std::string& dtype, int64_t bytes_per_thread, int sources, int threads,
+         int iters) {
+        double r = 0;
+        {
+          nb::gil_scoped_release release;
+          r = jax_ddl::ReduceBandwidth(dtype.c_str(), bytes_per_thread, sources, threads, iters);
+        }
+        if (r < 0) throw nb::value_error(("reduce_bandwidth: unknown dtype " + dtype).c_str());
+        return r;
+      },
+      nb::arg("dtype"), nb::arg("bytes_per_thread"), nb::arg("sources"), nb::arg("threads"),
+      nb::arg("iters"));
   m.def("mpi_compiled_in", &jax_ddl::MpiCompiledIn);
   m.def("mpi_attached", &jax_ddl::MpiAttached);
   m.def(
