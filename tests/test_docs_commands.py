@@ -54,6 +54,8 @@ RULES = [
     (r"^\.venv/bin/mpiexec -n 8 ", "8 processes: the same program as the -n 2 run below"),
     (r"^\.venv/bin/mpiexec -n 2 \.venv/bin/python -m jax_ddl\.bench", ["-b", "4K", "-e", "8K"]),
     (r"^\.venv/bin/python -m jax_ddl\.bench", SHORT_BENCH),
+    (r"^\.venv/bin/python -m jax_ddl\.calibrate", ["--fault-sizes", "1M", "-n", "2"]),
+    (r"^\.venv/bin/python -m jax_ddl\.model", []),
     (r"^\.venv/bin/python examples/plot_step_split\.py", []),
 ]
 
@@ -99,7 +101,7 @@ def test_documented_command_runs_from_the_repository_root(doc, command, tmp_path
     argv = [str(BIN / a[len(".venv/bin/") :]) if a.startswith(".venv/bin/") else a for a in argv]
     if "examples/train.py" in command:
         argv += ["--out-dir", str(tmp_path / "run"), "--no-progress"]
-    for flag, name in (("--json", "bench.json"), ("--out", "plot.png")):
+    for flag, name in (("--json", "bench.json"), ("--out", "plot.png"), ("--plot", "plot.png")):
         if flag in argv:  # write the scratch folder, not docs/results
             argv[argv.index(flag) + 1] = str(tmp_path / name)
     # As a user's shell would have it: not the suite's x64 and device-count settings.

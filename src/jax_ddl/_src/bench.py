@@ -82,8 +82,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--topology",
         default=None,
-        help='jax_ddl topology, e.g. "2x4" (default: local devices x processes, flat in one '
-        "process); when it has several dimensions, a flat jax_ddl row (ddl-flat) runs beside it",
+        help='jax_ddl topology, e.g. "2x4", or "auto" (the cost model picks per size); default: '
+        "local devices x processes, flat in one process; when it has several dimensions, a flat "
+        "jax_ddl row (ddl-flat) runs beside it",
     )
     p.add_argument(
         "--modes", default="oop,ip", help="comma list of oop (out-of-place), ip (in-place)"
@@ -247,6 +248,7 @@ def run(args, out=sys.stdout):
     import numpy as np
 
     from jax_ddl._src import topology as _topology
+    from jax_ddl._src.collectives import chunk_bytes, small_bytes
 
     h = Harness(args)
     try:
@@ -258,8 +260,9 @@ def run(args, out=sys.stdout):
     bw_start, threads = measure_bandwidth()
     if jax.process_index() != 0:  # every process measures; the first one reports
         out = open(os.devnull, "w")
+    auto = grid == _topology.AUTO
     impls = ["jax_ddl", "lax.psum"]
-    if len(grid) > 1:  # topology-aware: the flat spec on the same devices, to compare
+    if auto or len(grid) > 1:  # topology-aware: the flat spec on the same devices, to compare
         impls.insert(1, "ddl-flat")
     if h.procs > 1 and args.datatype in MPI_DTYPES:
         # Across processes, also a raw MPI_Allreduce (mpi4py) of one buffer per process:
@@ -278,12 +281,13 @@ def run(args, out=sys.stdout):
         "platform": h.devices[0].platform,
         "dtype": args.datatype,
         "op": args.op,
-        "topology": _topology.format(grid),
+        "topology": "auto" if auto else _topology.format(grid),
         "iters": args.iters,
         "warmup": args.warmup,
         "jax": jax.__version__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "placement": _topology.placement(h.n).label(),
     }
     print(
         "# jax_ddl allreduce benchmark: " + ", ".join(f"{k} {v}" for k, v in header.items()),
@@ -372,6 +376,14 @@ def run(args, out=sys.stdout):
                     ratio = med["lax.psum", mode] / med[impl, mode]
                     row[mode]["x_lax"] = ratio
                     text += f" {ratio:>9.2f}"
+            if impl == "jax_ddl" and auto:
+                for mode in args.modes:
+                    row[mode]["grid"] = _topology.format(
+                        _topology.choose(
+                            h.n, nbytes, args.datatype, mode == "ip", chunk_bytes(), small_bytes()
+                        )
+                    )
+                text += "  auto: " + " / ".join(row[m]["grid"] for m in args.modes)
             if impl == "jax_ddl" and "ddl-flat" in impls:
                 for mode in args.modes:
                     row[mode]["x_flat"] = med["ddl-flat", mode] / med[impl, mode]
@@ -387,7 +399,7 @@ def run(args, out=sys.stdout):
             if r["impl"] == "jax_ddl"
         )
         print(
-            f"# topology {_topology.format(grid)} against flat {h.n} (flat time / jax_ddl time, "
+            f"# topology {header['topology']} against flat {h.n} (flat time / jax_ddl time, "
             f"{' / '.join(args.modes)}) by size: {ratios}",
             file=out,
         )

@@ -445,6 +445,12 @@ def allreduce(
             vma=vma,
         )
         for members in groups.values():
+            if dims == _topology.AUTO:
+                dt = np.dtype(members[0][1].dtype)
+                nbytes = sum(leaf.size for _, leaf in members) * dt.itemsize
+                params["grid"] = _topology.choose(
+                    size, nbytes, dt.name, bool(inplace), params["chunk"], params["small"]
+                )
             reduced = _bind(rank, group, [leaf for _, leaf in members], **params)
             for (i, _), r in zip(members, reduced):
                 out[i] = r
@@ -472,6 +478,8 @@ def psum(x, axis_name, *, topology=None, axis_index_groups=None):
         (4, 2); its dimensions must multiply to the number of ranks reduced over.
         Defaults to JAX_DDL_TOPOLOGY, else, over all devices of several processes, local
         devices x processes (x hosts, with several processes per host), else flat.
+        "auto": the grid jax_ddl's cost model predicts fastest for this call's bytes
+        (profile: JAX_DDL_PROFILE, else built-in terms; see jax_ddl.model.explain).
       axis_index_groups: as in jax.lax.psum; such a call is reduced by jax.lax.
 
     Returns:

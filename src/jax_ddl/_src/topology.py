@@ -61,16 +61,60 @@ def default_dims(size: int) -> tuple[int, ...]:
     return tuple(dims) if len(dims) > 1 else (size,)
 
 
-def resolve(topology, size: int, api: str, axes: tuple) -> tuple[int, ...]:
-    """The grid for a reduction over `axes` spanning `size` ranks.
+AUTO = "auto"
+
+
+def placement(size: int):
+    """The model's placement of a reduction over `size` ranks: hosts x processes per host
+    x devices per process when it covers every device of every process (hosts as
+    jax_ddl.distributed found them), else `size` devices of one process."""
+    from jax_ddl._src import model
+
+    local, procs = jax.local_device_count(), jax.process_count()
+    if procs == 1 or local * procs != size:
+        return model.Placement(1, 1, size)
+    from jax_ddl._src import distributed
+
+    lay = distributed.layout() or {}
+    hosts, per_host = lay.get("hosts", 1), lay.get("processes_per_host", procs)
+    if not (hosts > 1 and lay.get("hosts_contiguous")):
+        hosts, per_host = 1, procs
+    return model.Placement(hosts, per_host, local)
+
+
+def choose(size: int, nbytes: int, dtype: str, inplace: bool, chunk: int, small: int):
+    """topology="auto": the grid the cost model predicts fastest for `nbytes` per device
+    (profile: JAX_DDL_PROFILE, else the built-in default)."""
+    from jax_ddl._src import model
+
+    return tuple(
+        model.choose(
+            nbytes,
+            placement(size),
+            model.profile_from_env(),
+            dtype=dtype,
+            inplace=inplace,
+            chunk_bytes=chunk,
+            small_bytes=small,
+        )
+    )
+
+
+def resolve(topology, size: int, api: str, axes: tuple):
+    """The grid for a reduction over `axes` spanning `size` ranks, or AUTO (the caller
+    picks per call with choose(), once it knows the bytes).
 
     Order of precedence: the `topology=` argument, then JAX_DDL_TOPOLOGY, then the default.
     """
     if topology is not None:
         source = f"{api}: topology"
+        if isinstance(topology, str) and topology.strip().lower() == AUTO:
+            return AUTO
         dims = parse(topology, source=source)
     elif os.environ.get("JAX_DDL_TOPOLOGY"):
         source = f"{api}: JAX_DDL_TOPOLOGY"
+        if os.environ["JAX_DDL_TOPOLOGY"].strip().lower() == AUTO:
+            return AUTO
         dims = parse(os.environ["JAX_DDL_TOPOLOGY"], source=source)
     else:
         return default_dims(size)

@@ -1,0 +1,468 @@
+"""python -m jax_ddl.calibrate: measures the cost model's terms on this machine and launch.
+
+Run it the way the job runs: one process (`--devices N` host devices), or under mpiexec
+with the same processes, devices and hosts. Every process measures at the same time (as
+the allreduce works), and the profile keeps the slowest process's value of each term:
+
+- memory copy bandwidth of one process's device threads (reads + writes per second);
+- reduction throughput of the engine's kernel per dtype (4 sources into 1);
+- per level, latency and bandwidth of the messages between processes: `host` (processes
+  of one host with each other, every one sending to every other) and `network` (every
+  process with the same process of the next host); bandwidth per host, all processes at
+  once, per message size, with one message per device slot to each peer at once on its
+  own communicator as the engine sends (concurrent messages over TCP cost more than one
+  large one here);
+- how far memory work and messages overlap: copies on every device thread while the
+  slowest level's exchange runs, against each alone (1: the pair takes as long as the
+  longer, 0: their sum; on few cores the network stack and the memory work compete);
+- the fixed cost of one jax_ddl call (8 bytes per device, the default grid);
+- one shared-memory stage (a barrier): one process only, from 64 KiB calls of a
+  2-dimensional and the flat grid (the built-in 20 us under mpiexec);
+- page faults of fresh output buffers: an XLA add on every local device into a fresh
+  output against a donated one, per size (seconds per byte of fresh output).
+
+Writes a JSON profile (`--out`) for jax_ddl.model, `JAX_DDL_PROFILE` and
+`topology="auto"`, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+MiB = 1 << 20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m jax_ddl.calibrate",
+        description="Measure jax_ddl's cost-model terms on this machine and launch.",
+    )
+    p.add_argument("--out", default="jax_ddl_profile.json", help="profile JSON to write")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=8,
+        help="host CPU devices when XLA_FLAGS does not set them (under mpiexec: per process)",
+    )
+    p.add_argument(
+        "--fault-sizes",
+        default="1M,4M,16M,64M",
+        help="bytes per device at which to measure fresh-output page faults",
+    )
+    p.add_argument(
+        "--message-sizes",
+        default="64K,256K,1M,4M",
+        help="bytes per message at which to measure the links (one message per device slot "
+        "to each peer at once, as the engine sends)",
+    )
+    p.add_argument("-n", "--iters", type=int, default=5, help="timed repetitions per term")
+    args = p.parse_args(argv)
+    from jax_ddl._src.bench import parse_size
+
+    try:
+        args.fault_sizes = [parse_size(s) for s in args.fault_sizes.split(",") if s.strip()]
+        args.message_sizes = [parse_size(s) for s in args.message_sizes.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    return args
+
+
+class World:
+    """The launch: MPI when there are several processes, else a world of one."""
+
+    def __init__(self):
+        import jax
+
+        self.procs = jax.process_count()
+        self.rank = jax.process_index()
+        self.comm = None
+        if self.procs > 1:
+            from mpi4py import MPI
+
+            self.MPI = MPI
+            self.comm = MPI.COMM_WORLD
+
+    def barrier(self):
+        if self.comm is not None:
+            self.comm.Barrier()
+
+    def gather(self, value):
+        return self.comm.allgather(value) if self.comm is not None else [value]
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _timed(world, fn, iters):
+    """Median seconds of fn() over iters, every process starting together."""
+    out = []
+    for _ in range(iters):
+        world.barrier()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return _median(out)
+
+
+def memory_terms(world, devices: int, iters: int) -> tuple[float, dict]:
+    from jax_ddl import _ddl
+
+    world.barrier()
+    copy = _ddl.copy_bandwidth(32 * MiB, devices, iters)
+    reduce = {}
+    for dtype in ("float32", "bfloat16", "float16", "float64", "int32", "int64"):
+        world.barrier()
+        reduce[dtype] = _ddl.reduce_bandwidth(dtype, 8 * MiB, 4, devices, max(3, iters // 2))
+    copies = world.gather(copy)
+    reduces = world.gather(reduce)
+    return min(copies), {k: min(r[k] for r in reduces) for k in reduce}
+
+
+def overlap_term(
+    world, make_exchange, t_exchange: float, devices: int, copy_Bps: float, iters: int
+) -> float:
+    """How far memory work and messages overlap in this launch, 0..1: memory work (numpy
+    copies, which release the GIL, on one thread per device) runs while the main thread
+    keeps exchanging (polling as the engine does). With s_copy and
+    s_msg the speeds of each under the other against alone, w = s_copy + s_msg - 1: 1 when
+    neither slows the other (a link that paces itself), 0 when they split one resource
+    (the network stack and the memory work on the same cores)."""
+    import threading
+
+    import numpy as np
+
+    block = 16 * MiB
+    passes = max(2, round(copy_Bps * max(t_exchange, 0.02) * 4 / (2 * devices * block)))
+    bufs = [(np.ones(block, np.uint8), np.zeros(block, np.uint8)) for _ in range(devices)]
+
+    ends = [0.0] * devices
+
+    def work(i, src, dst):
+        for _ in range(passes):
+            np.copyto(dst, src)
+        ends[i] = time.perf_counter()
+
+    def copies():
+        threads = [threading.Thread(target=work, args=(i, *b)) for i, b in enumerate(bufs)]
+        for t in threads:
+            t.start()
+        return threads
+
+    exchange = make_exchange()
+    s_copy, s_msg = [], []
+    for _ in range(max(2, iters // 2)):
+        world.barrier()
+        t0 = time.perf_counter()
+        for t in copies():
+            t.join()
+        t_copy = time.perf_counter() - t0
+        # Every process runs as many exchanges (peers must match them) as the copies
+        # took alone, while its copies run again.
+        count = max(1, round(max(world.gather(t_copy)) / t_exchange))
+        world.barrier()
+        t0 = time.perf_counter()
+        threads = copies()
+        for _ in range(count):
+            exchange()
+        t_msg = time.perf_counter() - t0
+        for t in threads:
+            t.join()
+        s_copy.append(t_copy / (max(ends) - t0))
+        s_msg.append(count * t_exchange / t_msg)
+    # The slowest process's pair.
+    w = _median(s_copy) + min(1.0, _median(s_msg)) - 1
+    return min(1.0, max(0.0, min(world.gather(w))))
+
+
+def _wait_like_the_engine(MPI, reqs) -> None:
+    """Polls as the engine's device threads wait for MPI (ffi/mpi_transport.cc): test,
+    and when nothing completed sleep 5 us doubling up to 200 us, back to 5 us after a
+    completion. MPICH moves TCP data only while it is called, so how a wait polls sets
+    how fast messages go: a blocking MPI_Waitall measures faster links than the engine
+    sees."""
+    left = len(reqs)
+    pause = 5e-6
+    while left:
+        done = MPI.Request.Testsome(reqs)
+        if done:
+            left -= len(done)
+            pause = 5e-6
+        else:
+            time.sleep(pause)
+            pause = min(pause * 2, 200e-6)
+
+
+def link_terms(
+    world,
+    layout: dict,
+    sizes,
+    iters: int,
+    devices: int = 1,
+    copy_Bps: float = 0.0,
+    cap: int = 16 * MiB,
+) -> dict:
+    """{"host": (latency, bandwidth, curve), "network": (...), "overlap": w} for the levels
+    this launch has. Messages go as the engine sends them: one per device slot to each
+    peer at once, each slot on its own duplicate of MPI_COMM_WORLD, so the curve (bytes
+    per message -> bytes per second per host) includes what concurrent messages cost. The
+    overlap is measured against the slowest level."""
+    import numpy as np
+
+    if world.comm is None:
+        return {}
+    MPI, comm = world.MPI, world.comm
+    comms = [comm.Dup() for _ in range(devices)]
+    hosts, per_host = layout["hosts"], layout["processes_per_host"]
+    host, local = divmod(world.rank, per_host)
+    out = {}
+
+    def exchange(peers, size, k):
+        """(seconds, maker): k messages of `size` bytes to and from every peer at once."""
+        send = [np.ones(max(1, size), np.uint8) for _ in range(k)]
+        recvs = [[np.empty(max(1, size), np.uint8) for _ in range(k)] for _ in peers]
+
+        def make(polling=True):
+            def run():
+                reqs = []
+                for bufs, (src, _) in zip(recvs, peers):
+                    reqs += [comms[i].Irecv(bufs[i], source=src, tag=7) for i in range(k)]
+                for _, dst in peers:
+                    reqs += [comms[i].Isend(send[i], dest=dst, tag=7) for i in range(k)]
+                _wait_like_the_engine(MPI, reqs)
+
+            return run
+
+        run = make()
+        run()  # connections set up outside the timing
+        return max(world.gather(_timed(world, run, iters))), make
+
+    def level(peers, host_bytes_per_message):
+        latency, _ = exchange(peers, 8, 1)
+        curve, last = [], None
+        for m in sizes:
+            if m * devices * len(peers) > cap and curve:
+                break
+            t, make = exchange(peers, m, devices)
+            curve.append((m, host_bytes_per_message * m / max(t - latency, 1e-9)))
+            last = (t, make)
+        return (latency, curve[-1][1], curve), last
+
+    if hosts > 1 and layout.get("hosts_contiguous", True):
+        nxt = ((host + 1) % hosts) * per_host + local
+        prv = ((host - 1) % hosts) * per_host + local
+        out["network"], slowest = level([(prv, nxt)], per_host * devices)
+    if per_host > 1:
+        mates = [host * per_host + q for q in range(per_host) if q != local]
+        out["host"], last = level([(q, q) for q in mates], per_host * len(mates) * devices)
+        if "network" not in out:
+            slowest = last
+    if copy_Bps > 0:
+        out["overlap"] = overlap_term(world, slowest[1], slowest[0], devices, copy_Bps, iters)
+    return out
+
+
+def _mesh_fn(body, donate: bool):
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("i",))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=P("i"), out_specs=P("i"), check_vma=False)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ()), mesh
+
+
+def _input(mesh, count: int):
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devs = [d for d in jax.devices() if d.process_index == jax.process_index()]
+    n = len(jax.devices())
+    shards = [jax.device_put(np.zeros((1, count), np.float32), d) for d in devs]
+    return jax.make_array_from_single_device_arrays((n, count), NamedSharding(mesh, P("i")), shards)
+
+
+def _call_time(world, nbytes: int, topology, iters: int) -> float:
+    import jax
+
+    from jax_ddl._src.collectives import allreduce
+
+    fn, mesh = _mesh_fn(lambda v: allreduce(v, "i", topology=topology), donate=True)
+    x = _input(mesh, max(1, nbytes // 4))
+    for _ in range(3):
+        x = jax.block_until_ready(fn(x))
+    times = []
+    for _ in range(max(iters, 10)):
+        world.barrier()
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - t0)
+    return max(world.gather(_median(times)))
+
+
+def fault_terms(world, sizes, iters: int) -> list:
+    """[(bytes per device, seconds per fresh byte)]: x + 1 into a fresh output on every
+    local device, against the same into a donated (reused) buffer."""
+    import jax
+
+    devs = [d for d in jax.devices() if d.process_index == jax.process_index()]
+    out = []
+    for size in sizes:
+        count = max(1, size // 4)
+        per = {}
+        for donate in (False, True):
+            f = jax.jit(lambda x: x + 1.0, donate_argnums=(0,) if donate else ())
+            xs = [jax.device_put(jax.numpy.zeros(count, "float32"), d) for d in devs]
+            for _ in range(2):
+                ys = [f(x) for x in xs]
+                jax.block_until_ready(ys)
+                xs = ys if donate else xs
+            times = []
+            for _ in range(iters):
+                world.barrier()
+                t0 = time.perf_counter()
+                ys = [f(x) for x in xs]
+                jax.block_until_ready(ys)
+                times.append(time.perf_counter() - t0)
+                xs = ys if donate else xs
+                del ys
+            per[donate] = max(world.gather(_median(times)))
+            del xs
+        out.append((count * 4, max(0.0, per[False] - per[True]) / (count * 4 * len(devs))))
+    return out
+
+
+def calibrate(args) -> dict:
+    import jax
+
+    from jax_ddl._src import distributed
+    from jax_ddl._src import model as M
+    from jax_ddl._src import topology as T
+
+    world = World()
+    devices = jax.local_device_count()
+    layout = distributed.layout() or {"hosts": 1, "processes_per_host": world.procs}
+    placement = M.Placement(
+        layout.get("hosts", 1), layout.get("processes_per_host", world.procs), devices
+    )
+    started = time.perf_counter()
+    copy, reduce = memory_terms(world, devices, args.iters)
+    links = link_terms(world, layout, args.message_sizes, args.iters, devices, copy)
+    overlap = links.pop("overlap", 1.0)
+    call = _call_time(world, 8, None, args.iters)
+    barrier = 20e-6
+    barrier_note = "built-in (not measured across processes)"
+    if world.procs == 1 and devices >= 4:
+        dims = T.default_dims(devices)
+        two = (2, devices // 2) if devices % 2 == 0 else None
+        if two:
+            flat = _call_time(world, 64 << 10, dims, args.iters)
+            staged = _call_time(world, 64 << 10, two, args.iters)
+            barrier = max(0.0, staged - flat)
+            barrier_note = "measured: 64 KiB calls, grid 2x%d against %d" % (devices // 2, devices)
+    faults = fault_terms(world, args.fault_sizes, args.iters)
+    net_defaults = M.default_profile().links
+    profile = M.Profile(
+        copy_Bps=copy,
+        reduce_Bps=reduce,
+        call_s=call,
+        barrier_s=barrier,
+        overlap=overlap,
+        links={k: M.Link(v[0], v[1], tuple(v[2])) for k, v in links.items()},
+        faults=faults,
+        placement=placement,
+        meta={
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m jax_ddl.calibrate", *sys.argv[1:]]),
+            "processes": world.procs,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "barrier": barrier_note,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    # Levels this launch does not have keep the built-in terms, marked as such.
+    for level in M.LEVELS:
+        if level not in profile.links:
+            profile.links[level] = net_defaults[level]
+            profile.meta.setdefault("not_measured", []).append(level)
+    return profile
+
+
+def table(profile) -> str:
+    lines = [
+        f"# jax_ddl profile: placement {profile.placement.label()} (hosts x processes per "
+        f"host x devices per process), {profile.meta.get('cpus')} cpus, "
+        f"{profile.meta.get('seconds')} s",
+        "  memory copy (per process, all its devices' threads)   "
+        f"{profile.copy_Bps / 1e9:8.2f} GB/s",
+    ]
+    for k, v in profile.reduce_Bps.items():
+        lines.append(f"  reduction {k:<9} (4 sources -> 1, reads+writes)     {v / 1e9:8.2f} GB/s")
+    missing = profile.meta.get("not_measured", [])
+    for level, link in profile.links.items():
+        note = "  (built-in: not in this launch)" if level in missing else ""
+        lines.append(
+            f"  link {level:<8} latency {link.latency_s * 1e6:9.1f} us   bandwidth "
+            f"{link.bandwidth_Bps / 1e9:8.3f} GB/s per host{note}"
+        )
+        for m, bw in link.curve:
+            lines.append(
+                f"       {m / 1024:8.0f} KiB messages, one per device slot to each peer: "
+                f"{bw / 1e9:8.3f} GB/s per host"
+            )
+    lines.append(
+        f"  fixed cost of one call (8 B per device)               {profile.call_s * 1e6:8.1f} us"
+    )
+    lines.append(
+        f"  overlap of memory work with messages (1: full, 0: none) {profile.overlap:8.2f}"
+    )
+    lines.append(
+        f"  one shared-memory stage                               {profile.barrier_s * 1e6:8.1f} us"
+        f"  ({profile.meta.get('barrier')})"
+    )
+    for size, v in profile.faults:
+        lines.append(
+            f"  fresh output pages at {size / MiB:6.1f} MiB per device          "
+            f"{v * 1e9 * 4096 / 1e3:8.2f} us per 4 KiB page"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from jax_ddl._src import distributed
+
+    if distributed.launched_by_mpiexec():
+        distributed.initialize(local_devices=args.devices)
+    else:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = (
+                f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+            )
+    import jax
+
+    profile = calibrate(args)
+    if jax.process_index() == 0:
+        profile.save(args.out)
+        print(table(profile))
+        print(f"# written to {args.out}")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""jax_ddl's cost model: the time of one allreduce for a grid, a placement and a profile.
+
+The model follows the engine (docs/design.md) stage by stage and charges each stage for
+the resources it uses, with alpha-beta(-gamma) terms per transport level (Thakur,
+Rabenseifner & Gropp 2005), plus the terms the calibration showed matter on CPUs:
+
+- local work (shared memory inside a process): the bytes the plan reads and writes,
+  at the process's memory bandwidth for copies and its reduction throughput for the
+  dtype (reads + writes per second, measured with every process of the launch working);
+- messages between processes: for every exchange, the bytes each host sends to other
+  hosts (at the `network` level's per-host bandwidth) and the bytes its processes send
+  to each other (at the `host` level's), each plus the level's latency; an exchange
+  takes as long as its slowest host;
+- DDL's hierarchy across processes is pipelined in chunks (`JAX_DDL_CHUNK_BYTES`):
+  local work and messages overlap, a pipeline of m chunks takes
+  local + messages - w * min(local, messages) * (m - 1) / m, where w (calibrated, 0..1)
+  is how far memory work and messages can run at once on this machine (1: the link paces
+  itself, as a NIC does; 0: the network stack needs the same cores as the memory work);
+- a fixed cost per call (dispatch, arrival, the handshake and completion rounds across
+  processes), and out of place the page faults of the fresh output buffers (per byte,
+  measured per size: glibc maps large blocks fresh on every allocation).
+
+Pure Python; no jax import. `predict` is the entry point; `candidates` lists the grids a
+placement allows, `explain` ranks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+
+LEVELS = ("host", "network")
+DTYPE_BYTES = {
+    "float32": 4,
+    "float64": 8,
+    "bfloat16": 2,
+    "float16": 2,
+    "int32": 4,
+    "int64": 8,
+}
+# Accumulator bytes per element: 16-bit floats accumulate in float32 (docs/design.md).
+ACC_BYTES = {"bfloat16": 4, "float16": 4}
+MAX_CHUNKS = 64
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_SMALL_BYTES = 16 << 10
+# topology="auto" keeps the default grid unless another is predicted faster by more than
+# this fraction: the model's median error on this project's validation runs is about 12 %
+# (docs/model.md), so smaller predicted gains are not real gains (one measured 0.77x).
+AUTO_MARGIN = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the ranks run: `hosts` x `processes_per_host` x `devices_per_process`.
+
+    Ranks are numbered device-fastest, then process, then host (jax's process-major device
+    order): rank r is device r % D of process (r // D) % P of host r // (D * P)."""
+
+    hosts: int = 1
+    processes_per_host: int = 1
+    devices_per_process: int = 1
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Placement.{f.name} must be a positive int; got {v!r}")
+
+    @property
+    def ranks(self) -> int:
+        return self.hosts * self.processes_per_host * self.devices_per_process
+
+    @property
+    def processes(self) -> int:
+        return self.hosts * self.processes_per_host
+
+    def where(self, rank: int) -> tuple[int, int]:
+        """(host, process) of a rank; processes numbered globally."""
+        proc = rank // self.devices_per_process
+        return proc // self.processes_per_host, proc
+
+    def label(self) -> str:
+        return f"{self.hosts}x{self.processes_per_host}x{self.devices_per_process}"
+
+    @classmethod
+    def parse(cls, text: str) -> Placement:
+        """ "2x1x4" (hosts x processes per host x devices per process)."""
+        try:
+            h, p, d = (int(x) for x in str(text).lower().split("x"))
+        except ValueError:
+            raise ValueError(
+                f"placement must be HOSTSxPROCESSESxDEVICES, e.g. '2x1x4'; got {text!r}"
+            ) from None
+        return cls(h, p, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    latency_s: float
+    bandwidth_Bps: float  # bytes per second one host sends at this level, all its processes at once
+    # (bytes per message, bytes per second per host) as measured, messages one per device
+    # slot to each peer at once; bandwidth_Bps where empty.
+    curve: tuple = ()
+
+    def rate(self, message_bytes: float) -> float:
+        """Bandwidth for messages of this size: interpolated in log(size) on the curve,
+        held flat beyond its ends."""
+        pts = sorted(self.curve)
+        if not pts:
+            return self.bandwidth_Bps
+        if message_bytes <= pts[0][0]:
+            return pts[0][1]
+        for (s0, b0), (s1, b1) in itertools.pairwise(pts):
+            if message_bytes <= s1:
+                w = (math.log(message_bytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
+                return b0 + w * (b1 - b0)
+        return pts[-1][1]
+
+
+@dataclasses.dataclass
+class Profile:
+    """Calibrated cost terms (python -m jax_ddl.calibrate writes them as JSON).
+
+    Rates are per process while every process of the launch works at once."""
+
+    copy_Bps: float  # memory copy, reads + writes per second, one process's device threads
+    reduce_Bps: dict  # dtype -> reduction throughput (reads + writes per second)
+    call_s: float  # fixed cost of one call (small size) in this launch
+    barrier_s: float  # one shared-memory stage (a barrier among the local devices)
+    links: dict  # level ("host", "network") -> Link
+    faults: list  # [(bytes per device, seconds per byte of fresh output)], sorted by size
+    overlap: float = 1.0  # how far memory work and messages overlap (1 full, 0 none)
+    placement: Placement | None = None  # the launch it was measured in
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def reduce_rate(self, dtype: str) -> float:
+        if dtype in self.reduce_Bps:
+            return self.reduce_Bps[dtype]
+        same = [v for k, v in self.reduce_Bps.items() if DTYPE_BYTES.get(k) == DTYPE_BYTES[dtype]]
+        return same[0] if same else self.copy_Bps
+
+    def fault_s_per_byte(self, nbytes: int) -> float:
+        """Interpolated in log(size) between the measured sizes, held flat outside them."""
+        pts = sorted(self.faults)
+        if not pts:
+            return 0.0
+        if nbytes <= pts[0][0]:
+            return max(0.0, pts[0][1])
+        for (s0, v0), (s1, v1) in itertools.pairwise(pts):
+            if nbytes <= s1:
+                w = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
+                return max(0.0, v0 + w * (v1 - v0))
+        return max(0.0, pts[-1][1])
+
+    def to_json(self) -> dict:
+        return {
+            "version": 1,
+            "copy_Bps": self.copy_Bps,
+            "reduce_Bps": dict(self.reduce_Bps),
+            "call_s": self.call_s,
+            "barrier_s": self.barrier_s,
+            "overlap": self.overlap,
+            "links": {
+                k: {**dataclasses.asdict(v), "curve": [list(p) for p in v.curve]}
+                for k, v in self.links.items()
+            },
+            "faults": [list(p) for p in self.faults],
+            "placement": None if self.placement is None else self.placement.label(),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "profile") -> Profile:
+        try:
+            if d.get("version") != 1:
+                raise ValueError(f"version {d.get('version')!r}, expected 1")
+            links = {
+                k: Link(
+                    float(v["latency_s"]),
+                    float(v["bandwidth_Bps"]),
+                    tuple((int(m), float(b)) for m, b in v.get("curve", [])),
+                )
+                for k, v in d["links"].items()
+            }
+
+            unknown = set(links) - set(LEVELS)
+            if unknown:
+                raise ValueError(f"unknown link levels {sorted(unknown)} (known: {list(LEVELS)})")
+            p = cls(
+                copy_Bps=float(d["copy_Bps"]),
+                reduce_Bps={k: float(v) for k, v in d["reduce_Bps"].items()},
+                call_s=float(d["call_s"]),
+                barrier_s=float(d["barrier_s"]),
+                overlap=float(d.get("overlap", 1.0)),
+                links=links,
+                faults=sorted((int(s), float(v)) for s, v in d.get("faults", [])),
+                placement=Placement.parse(d["placement"]) if d.get("placement") else None,
+                meta=dict(d.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{source} is not a jax_ddl profile ({type(e).__name__}: {e}); write one with "
+                "python -m jax_ddl.calibrate --out FILE"
+            ) from None
+        if p.copy_Bps <= 0 or any(v <= 0 for v in p.reduce_Bps.values()):
+            raise ValueError(f"{source}: bandwidths must be positive")
+        return p
+
+    @classmethod
+    def load(cls, path: str) -> Profile:
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read the profile {path!r}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the profile {path!r} is not JSON: {e}") from None
+        return cls.from_json(d, source=f"the profile {path!r}")
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+
+def default_profile() -> Profile:
+    """Built-in terms for when no profile is given: a typical recent x86 server (memory
+    10 GB/s of copy per process, reductions at the same rate), MPI between the processes
+    of a host through shared memory (5 GB/s per host, 5 us), 10 Gbit/s Ethernet between
+    hosts (1.1 GB/s per host, 30 us). Calibrate for real numbers."""
+    return Profile(
+        copy_Bps=10e9,
+        reduce_Bps={
+            "float32": 10e9,
+            "float64": 10e9,
+            "int32": 10e9,
+            "int64": 10e9,
+            "bfloat16": 6e9,
+            "float16": 6e9,
+        },
+        call_s=200e-6,
+        barrier_s=20e-6,
+        links={"host": Link(5e-6, 5e9), "network": Link(30e-6, 1.1e9)},
+        faults=[],
+        meta={"source": "built-in default (jax_ddl.model.default_profile)"},
+    )
+
+
+def profile_from_env() -> Profile:
+    """JAX_DDL_PROFILE (a calibrated JSON file) or the built-in default."""
+    path = os.environ.get("JAX_DDL_PROFILE")
+    if path:
+        try:
+            return Profile.load(path)
+        except ValueError as e:
+            raise ValueError(f"JAX_DDL_PROFILE: {e}") from None
+    return default_profile()
+
+
+# --- the plan's traffic -------------------------------------------------------------------
+
+
+def _regions(nbytes: float, dims) -> list[float]:
+    """Bytes a rank holds entering each stage of `dims` (balanced split, as the plan)."""
+    out, n = [], float(nbytes)
+    for d in dims:
+        out.append(n)
+        n /= d
+    return out
+
+
+def _exchange(
+    placement: Placement, dims, stage: int, per_peer: float, members=None
+) -> tuple[float, float]:
+    """Bytes (to other hosts, to other processes of the same host) the busiest host sends
+    when every rank of a stage of `dims` sends `per_peer` bytes to each peer of its group.
+
+    `members` maps a plan rank to a global rank (None: the identity)."""
+    strides = [math.prod(dims[:i]) for i in range(len(dims))]
+    ranks = math.prod(dims)
+    stride, p = strides[stage], dims[stage]
+    net: dict[int, float] = {}
+    host: dict[int, float] = {}
+    for r in range(ranks):
+        me = members(r) if members else r
+        h, proc = placement.where(me)
+        c = (r // stride) % p
+        for q in range(p):
+            if q == c:
+                continue
+            peer = r + (q - c) * stride
+            ph, pproc = placement.where(members(peer) if members else peer)
+            if ph != h:
+                net[h] = net.get(h, 0.0) + per_peer
+            elif pproc != proc:
+                host[h] = host.get(h, 0.0) + per_peer
+    return max(net.values(), default=0.0), max(host.values(), default=0.0)
+
+
+def _link_time(profile: Profile, net_bytes: float, host_bytes: float, message: float) -> float:
+    """Seconds of one exchange: the busiest host's bytes at each level, at the bandwidth
+    the level has for messages of `message` bytes, plus the level's latency."""
+    t = 0.0
+    if net_bytes > 0:
+        link = profile.links["network"]
+        t = max(t, link.latency_s + net_bytes / link.rate(message))
+    if host_bytes > 0:
+        link = profile.links.get("host", profile.links["network"])
+        t = max(t, link.latency_s + host_bytes / link.rate(message))
+    return t
+
+
+def mode_of(dims, placement: Placement) -> str:
+    """The engine's path for a grid (ffi/site.cc): "local" (one process), "across" (DDL's
+    hierarchy: leading dimensions multiply to the devices of a process; pipelined) or
+    "spanning" (groups that mix local and remote peers; stage by stage)."""
+    if placement.processes == 1:
+        return "local"
+    prod, i = 1, 0
+    while i < len(dims) and prod < placement.devices_per_process:
+        prod *= dims[i]
+        i += 1
+    return "across" if prod == placement.devices_per_process else "spanning"
+
+
+def predict(
+    nbytes: int,
+    dims,
+    placement: Placement,
+    profile: Profile,
+    *,
+    dtype: str = "float32",
+    inplace: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    small_bytes: int = DEFAULT_SMALL_BYTES,
+) -> dict:
+    """Predicted seconds for one allreduce of `nbytes` per device over the grid `dims`.
+
+    Returns {"time_s", "mode", "local_s", "messages_s", "fixed_s", "faults_s", "chunks"}.
+    """
+    dims = tuple(int(d) for d in dims)
+    if math.prod(dims) != placement.ranks:
+        raise ValueError(
+            f"grid {'x'.join(map(str, dims))} multiplies to {math.prod(dims)}, but the "
+            f"placement {placement.label()} has {placement.ranks} ranks"
+        )
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}; got {dtype!r}")
+    S = float(nbytes)
+    D = placement.devices_per_process
+    acc = ACC_BYTES.get(dtype, DTYPE_BYTES[dtype]) / DTYPE_BYTES[dtype]  # scratch bytes ratio
+    red = profile.reduce_rate(dtype)
+    copy = profile.copy_Bps
+    faults = 0.0 if inplace else D * S * profile.fault_s_per_byte(int(S))
+    mode = mode_of(dims, placement)
+    out = {"mode": mode, "chunks": 1, "fixed_s": profile.call_s, "faults_s": faults}
+
+    if mode == "local":
+        if S <= small_bytes:  # one barrier; every rank reduces everything itself
+            local = D * ((D + 1) * S + S) / red + profile.barrier_s
+            messages = 0.0
+        else:
+            regions = _regions(S, dims)
+            per_rank = 0.0
+            for i, (n, p) in enumerate(zip(regions, dims)):
+                last = i == len(dims) - 1
+                per_rank += n + (S if last else n / p * acc)  # reads; writes (final: every output)
+            local = D * per_rank / red + len(dims) * profile.barrier_s
+            messages = 0.0
+        out.update(local_s=local, messages_s=messages)
+        out["time_s"] = profile.call_s + local + messages + faults
+        return out
+
+    if mode == "across":
+        k, prod = 0, 1
+        while prod < D:
+            prod *= dims[k]
+            k += 1
+        ldims, pdims = dims[:k], dims[k:] or (1,)
+        chunks = 1
+        if chunk_bytes > 0 and S > chunk_bytes:
+            chunks = min(MAX_CHUNKS, math.ceil(S / chunk_bytes))
+        # Local work of the whole call, per process.
+        per_rank_red = 0.0
+        for n, p in zip(_regions(S, ldims), ldims):
+            if p > 1:
+                per_rank_red += n + n / p * acc
+        s = S / D  # the slice a slot takes across processes
+        per_rank_copy = 0.0
+        messages = 0.0
+        for j, (m, q) in enumerate(zip(_regions(s, pdims), pdims)):
+            if q == 1:
+                continue
+            part = m / q
+            # Reduce-scatter: the parts to send gathered into frames, the received ones
+            # reduced with the own one; all-gather: the own part into a frame, the received
+            # ones scattered out.
+            per_rank_copy += 2 * part * (q - 1) + 2 * part * q
+            per_rank_red += m * acc + part * acc
+            # Every slot of every process sends `part` to each group peer, all slots at
+            # once (the slots are symmetric: slot 0's traffic times D).
+            net, host = _exchange(placement, pdims, j, part, members=lambda r: r * D)
+            net, host = net * D / chunks, host * D / chunks
+            messages += 2 * chunks * _link_time(profile, net, host, part / chunks)
+        per_rank_copy += s + S  # the final slice read once, written into every local output
+        local = D * (per_rank_red / red + per_rank_copy / copy) + faults
+        local += len([p for p in ldims if p > 1]) * profile.barrier_s * chunks
+        # A pipeline of m chunks hides (m - 1) / m of the shorter of the two behind the
+        # longer, as far as the machine lets memory work and messages overlap.
+        body = local + messages - profile.overlap * min(local, messages) * (chunks - 1) / chunks
+        out.update(local_s=local, messages_s=messages, chunks=chunks)
+        out["time_s"] = profile.call_s + body
+        return out
+
+    # spanning: every stage over the whole grid, local peers in shared memory, remote ones
+    # over MPI; no pipelining.
+    local = 0.0
+    messages = 0.0
+    for i, (n, p) in enumerate(zip(_regions(S, dims), dims)):
+        if p == 1:
+            continue
+        part = n / p
+        net, host = _exchange(placement, dims, i, part)
+        stride = math.prod(dims[:i])
+        # Peers of rank 0's group in another process: their parts go through frames.
+        remote = sum(
+            1 for q in range(1, p) if placement.where(q * stride)[1] != placement.where(0)[1]
+        )
+        # reduce-scatter: read p parts, write one (+ frames for the remote ones);
+        # all-gather: the owner writes its part into local peers, remote parts copied in.
+        per_rank = n + part * acc + 2 * part * remote * 2 + part * (p - 1 - remote)
+        local += D * per_rank / red + 2 * profile.barrier_s
+        messages += 2 * _link_time(profile, net, host, part)
+    local += D * S / copy + faults  # final slices into the outputs
+    out.update(local_s=local, messages_s=messages)
+    out["time_s"] = profile.call_s + local + messages
+    return out
+
+
+# --- choosing a grid ----------------------------------------------------------------------
+
+
+def _factorisations(n: int, max_dims: int):
+    """Ordered factorisations of n into factors >= 2 (n itself included)."""
+    if n == 1:
+        yield ()
+        return
+    if max_dims == 0:
+        return
+    for d in range(2, n + 1):
+        if n % d == 0:
+            for rest in _factorisations(n // d, max_dims - 1):
+                yield (d, *rest)
+
+
+def default_grid(placement: Placement) -> tuple[int, ...]:
+    """The grid jax_ddl uses when not told (jax_ddl._src.topology.default_dims)."""
+    if placement.processes == 1:
+        return (placement.ranks,)
+    dims = [placement.devices_per_process] if placement.devices_per_process > 1 else []
+    if placement.hosts > 1 and placement.processes_per_host > 1:
+        dims += [placement.processes_per_host, placement.hosts]
+    else:
+        dims.append(placement.processes)
+    return tuple(dims) if len(dims) > 1 else (placement.ranks,)
+
+
+def candidates(placement: Placement, max_dims: int = 4, limit: int = 4096) -> list[tuple]:
+    """Grids for `placement`: every ordered factorisation of the ranks into at most
+    `max_dims` dimensions (the default grid always included)."""
+    out = []
+    for dims in _factorisations(placement.ranks, max_dims):
+        out.append(dims)
+        if len(out) >= limit:
+            break
+    if not out:
+        out = [(placement.ranks,)]
+    d = default_grid(placement)
+    if d not in out:
+        out.append(d)
+    return out
+
+
+def explain(
+    nbytes: int,
+    placement: Placement,
+    profile: Profile | None = None,
+    *,
+    dtype: str = "float32",
+    inplace: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    small_bytes: int = DEFAULT_SMALL_BYTES,
+) -> list[dict]:
+    """Every candidate grid with its predicted time, fastest first. Each entry:
+    {"grid": "4x2", "dims": (4, 2), "time_s", "mode", "default": bool, ...}."""
+    profile = profile or default_profile()
+    d = default_grid(placement)
+    rows = []
+    for dims in candidates(placement):
+        p = predict(
+            nbytes,
+            dims,
+            placement,
+            profile,
+            dtype=dtype,
+            inplace=inplace,
+            chunk_bytes=chunk_bytes,
+            small_bytes=small_bytes,
+        )
+        rows.append({"grid": "x".join(map(str, dims)), "dims": dims, "default": dims == d, **p})
+    # Fastest first; on a tie the default grid, then fewer dimensions.
+    rows.sort(key=lambda r: (round(r["time_s"], 12), not r["default"], len(r["dims"])))
+    # auto leaves the default grid only for a predicted gain beyond the model's error.
+    best = rows[0]
+    fallback = next(r for r in rows if r["default"])
+    chosen = fallback if fallback["time_s"] <= best["time_s"] * (1 + AUTO_MARGIN) else best
+    for r in rows:
+        r["chosen"] = r is chosen
+    return rows
+
+
+def choose(nbytes: int, placement: Placement, profile: Profile | None = None, **kw) -> tuple:
+    """The grid topology="auto" runs: the fastest predicted, unless the default grid is
+    predicted within AUTO_MARGIN of it."""
+    return next(r["dims"] for r in explain(nbytes, placement, profile, **kw) if r["chosen"])
