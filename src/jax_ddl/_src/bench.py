@@ -419,20 +419,26 @@ def run(args, out=sys.stdout):
     return result, total_wrong
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.datatype in ("float64", "int64"):
-        os.environ.setdefault("JAX_ENABLE_X64", "1")
+def start_devices(devices: int) -> None:
+    """Under mpiexec: one process per MPI rank with `devices` host devices each (jax and
+    jax_ddl's transport started). Else `devices` host devices, unless XLA_FLAGS sets them."""
     from jax_ddl._src import distributed
 
-    if distributed.launched_by_mpiexec():  # one process per MPI rank, --devices each
-        distributed.initialize(local_devices=args.devices)
+    if distributed.launched_by_mpiexec():
+        distributed.initialize(local_devices=devices)
     else:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = (
-                f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+                f"{flags} --xla_force_host_platform_device_count={devices}".strip()
             )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.datatype in ("float64", "int64"):
+        os.environ.setdefault("JAX_ENABLE_X64", "1")
+    start_devices(args.devices)
     result, wrong = run(args)
     import jax
 

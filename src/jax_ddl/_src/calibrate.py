@@ -443,16 +443,9 @@ def table(profile) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from jax_ddl._src import distributed
+    from jax_ddl._src.bench import start_devices
 
-    if distributed.launched_by_mpiexec():
-        distributed.initialize(local_devices=args.devices)
-    else:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = (
-                f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
-            )
+    start_devices(args.devices)
     import jax
 
     profile = calibrate(args)

@@ -211,18 +211,22 @@ class Profile:
 
     @classmethod
     def load(cls, path: str) -> Profile:
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except OSError as e:
-            raise ValueError(f"cannot read the profile {path!r}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"the profile {path!r} is not JSON: {e}") from None
-        return cls.from_json(d, source=f"the profile {path!r}")
+        return cls.from_json(read_json(path, "profile"), source=f"the profile {path!r}")
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.to_json(), f, indent=1)
+
+
+def read_json(path: str, what: str):
+    """The JSON in `path`; a ValueError naming the file and `what` it should hold."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {path!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the {what} {path!r} is not JSON: {e}") from None
 
 
 def default_profile() -> Profile:

@@ -39,7 +39,6 @@ Efficiency = compute / (compute + exposed): against one GPU's step.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 INPUTS = (
@@ -56,13 +55,9 @@ INPUTS = (
 
 
 def load(path: str) -> dict:
-    try:
-        with open(path) as f:
-            sc = json.load(f)
-    except OSError as e:
-        raise ValueError(f"cannot read the scenario {path!r}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"the scenario {path!r} is not JSON: {e}") from None
+    from jax_ddl._src.model import read_json
+
+    sc = read_json(path, "scenario")
     check(sc, path)
     return sc
 
