@@ -56,11 +56,62 @@ def test_hierarchy_across_hosts_hand_computed():
     assert p["time_s"] == pytest.approx(0.042 * 3 / 4 + 0.082 / 4)
 
 
+def test_16_bit_hierarchy_sends_float32_between_processes():
+    # bfloat16, 2 hosts x 1 x 2, grid 2x2, 4 MB of bfloat16 per device, one chunk. The
+    # slice a slot takes across processes is float32 (2x): part 2e6. Reduced: local stage
+    # 4e6 read + 4e6 written, process stage 3 x 2e6; copied: frames 6 x 2e6, outputs
+    # 4e6 (float32 slice read) + 4e6. Per rank 14e6 at 0.5 GB/s + 20e6 at 1 GB/s, 2 ranks:
+    # 96 ms. Messages: 2 slots x 2e6 per host per exchange, twice, at 1e8 B/s: 80 ms.
+    p = M.predict(4_000_000, (2, 2), M.Placement(2, 1, 2), PROFILE, dtype="bfloat16", chunk_bytes=0)
+    assert p["local_s"] == pytest.approx(0.096)
+    assert p["messages_s"] == pytest.approx(0.080)
+
+
+def test_one_device_per_process_still_copies_into_its_slice():
+    # 2 hosts x 1 x 1, grid 2, 1 MB: the local plan is one stage of 1 (a copy of 1e6 read,
+    # 1e6 written), the process stage on 1e6 (part 0.5e6: frames 3e6 copied, 1.5e6
+    # reduced), the output 1e6 read + 1e6 written: 3.5e6 reduced + 5e6 copied = 8.5 ms.
+    # Messages: 0.5e6 per host, twice: 10 ms.
+    p = M.predict(1_000_000, (2,), M.Placement(2, 1, 1), PROFILE, chunk_bytes=0)
+    assert p["mode"] == "across"
+    assert p["local_s"] == pytest.approx(0.0085)
+    assert p["messages_s"] == pytest.approx(0.010)
+
+
+def test_link_bandwidth_follows_the_measured_message_sizes():
+    link = M.Link(0.0, 1e9, ((1 << 10, 1e8), (1 << 20, 1e9)))
+    assert link.rate(1 << 5) == pytest.approx(1e8)
+    assert link.rate(1 << 15) == pytest.approx(0.55e9)  # halfway in log(size)
+    assert link.rate(1 << 30) == pytest.approx(1e9)
+    assert M.Link(0.0, 2e9).rate(123) == 2e9
+    # The exchange's message size picks the rate: 4 MB per device in 4 chunks of the
+    # hierarchy sends 0.25 MB messages, twice as slow as whole 1 MB ones on this curve.
+    slow_small = M.Profile(
+        **{
+            **PROFILE.__dict__,
+            "links": {
+                "host": M.Link(0.0, 1e9),
+                "network": M.Link(0.0, 1e8, ((250_000, 0.5e8), (1e6, 1e8))),
+            },
+        }
+    )
+    one = M.predict(4_000_000, (2, 2), M.Placement(2, 1, 2), slow_small, chunk_bytes=0)
+    four = M.predict(4_000_000, (2, 2), M.Placement(2, 1, 2), slow_small, chunk_bytes=1_000_000)
+    assert one["messages_s"] == pytest.approx(0.040)
+    assert four["messages_s"] == pytest.approx(0.080)
+
+
+def test_one_rank_has_one_grid():
+    assert M.candidates(M.Placement(1, 1, 1)) == [(1,)]
+    assert M.choose(1 << 20, M.Placement(1, 1, 1), PROFILE) == (1,)
+
+
 def test_flat_spec_across_hosts_hand_computed():
     # Same placement, flat grid 4: every rank sends 1e6 to each of 3 peers, 2 of them on the
-    # other host: 4e6 per host per exchange, twice, at 1e8: 80 ms. Memory per rank: read S
-    # (4e6), write its part (1e6), frames for 2 remote parts both ways (8e6), the local
-    # peer's part (1e6): 14e6 x 2 ranks; outputs 2 x 4e6. 36 ms.
+    # other host: 4e6 per host per exchange, twice, at 1e8: 80 ms. Memory per rank, reduce-
+    # scatter: 2 remote parts gathered into frames (4e6), 4 parts read (4e6), the result
+    # written into its own and its local peer's output (2e6); all-gather: its part into 2
+    # frames (4e6), 2 received parts scattered (4e6): 10e6 + 8e6, 2 ranks: 36 ms.
     p = M.predict(4_000_000, (4,), M.Placement(2, 1, 2), PROFILE)
     assert p["mode"] == "spanning"
     assert p["messages_s"] == pytest.approx(0.080)
@@ -95,8 +146,9 @@ def test_page_faults_out_of_place_interpolate_in_log_size():
 def test_16_bit_types_reduce_at_their_own_rate_through_float32_scratch():
     f32 = M.predict(1_000_000, (2, 2), M.Placement(1, 1, 4), PROFILE)
     bf16 = M.predict(1_000_000, (2, 2), M.Placement(1, 1, 4), PROFILE, dtype="bfloat16")
-    # Scratch writes double (float32 partials), at half the rate.
-    assert bf16["time_s"] == pytest.approx(4 * (1e6 + 1e6 + 0.5e6 + 1e6) / 0.5e9)
+    # Stage 0 reads the bfloat16 inputs and writes float32 partials (2x the bytes); stage 1
+    # reads those partials (float32) and writes bfloat16 outputs; at half the rate.
+    assert bf16["time_s"] == pytest.approx(4 * (1e6 + 1e6 + 1e6 + 1e6) / 0.5e9)
     assert bf16["time_s"] > f32["time_s"]
 
 
@@ -150,7 +202,51 @@ def test_auto_leaves_the_default_only_for_a_gain_beyond_the_margin():
     assert M.choose(64 << 20, pl, near) == (2, 2, 2)
     assert M.default_grid(M.Placement(2, 2, 2)) == (2, 2, 2)
     assert M.default_grid(M.Placement(1, 1, 8)) == (8,)
-    assert len(M.candidates(M.Placement(16, 4, 4))) <= 4096
+    many = M.candidates(M.Placement(16, 4, 4), limit=10)
+    assert len(many) == 11 and many[-1] == (4, 4, 16)  # the default grid always included
+
+
+def test_validate_pairs_runs_with_their_profiles_and_reports_errors(tmp_path):
+    """--validate FOLDER: bench-TAG.json with profile-TAG.json; errors and the flat/aware
+    ratios against the hand-computed predictions above (82 ms aware, 116 ms flat)."""
+    prof = M.Profile(**{**PROFILE.__dict__, "placement": M.Placement(2, 1, 2)})
+    prof.save(str(tmp_path / "profile-x.json"))
+    row = lambda impl, ms: {
+        "size": 4_000_000,
+        "count": 1_000_000,
+        "type": "float32",  # noqa: E731
+        "impl": impl,
+        "ip": {"time_us": ms * 1e3},
+    }
+    bench = {
+        "settings": {"placement": "2x1x2", "topology": "2x2"},
+        "rows": [row("jax_ddl", 100.0), row("ddl-flat", 116.0)],
+    }
+    (tmp_path / "bench-x-1.json").write_text(json.dumps(bench))
+    out = tmp_path / "v.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "jax_ddl.model", "--validate", str(tmp_path), "--json", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    v = json.loads(out.read_text())
+    errors = {x["impl"]: x["error"] for x in v["rows"]}
+    assert errors["jax_ddl"] == pytest.approx(0.082 / 0.100 - 1)
+    assert errors["ddl-flat"] == pytest.approx(0.0, abs=1e-9)
+    (ratio,) = v["ratios"]
+    assert ratio["measured"] == pytest.approx(1.16) and ratio["predicted"] == pytest.approx(
+        0.116 / 0.082
+    )
+    assert "profile-x.json" in r.stdout  # says which profile each run was predicted with
+    # A file that is not bench output is named, with what to give instead.
+    (tmp_path / "bench-y.json").write_text(json.dumps({"rows": []}))
+    r = subprocess.run(
+        [sys.executable, "-m", "jax_ddl.model", "--validate", str(tmp_path / "bench-y.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "bench-y.json" in r.stderr and "jax_ddl.bench --json" in r.stderr
 
 
 def test_profile_round_trip_and_bad_profiles(tmp_path):
@@ -172,6 +268,18 @@ def test_profile_round_trip_and_bad_profiles(tmp_path):
         M.predict(8, (2, 3), M.Placement(1, 1, 8), PROFILE)
     with pytest.raises(ValueError, match="HOSTSxPROCESSESxDEVICES"):
         M.Placement.parse("2x4")
+    for change, message in (
+        (lambda d: d["links"].pop("network"), "links.network is missing"),
+        (lambda d: d["links"]["host"].update(bandwidth_Bps=0), "links.host needs bandwidths"),
+        (lambda d: d.update(call_s=-1), "call_s, barrier_s"),
+        (lambda d: d.update(overlap=2), "overlap must be in"),
+        (lambda d: d.update(links=[]), "not a jax_ddl profile"),
+    ):
+        d = prof.to_json()
+        change(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=message):
+            M.Profile.load(str(path))
 
 
 def test_projection_ring_and_hierarchy_against_hand_computed():
@@ -227,6 +335,21 @@ def test_scenario_errors_name_the_field(tmp_path):
     path.write_text(json.dumps(sc))
     with pytest.raises(ValueError, match="inputs.compute_ms has no source"):
         P.load(str(path))
+    good = json.loads((SCENARIOS / "ddl2017.json").read_text())
+    for change, message in (
+        (lambda s: s.update(devices_per_host=0), "devices_per_host must be a positive int"),
+        (lambda s: s.update(plan="flat"), "plan must be one of"),
+        (lambda s: s.update(inter_algorithm="tree"), "inter_algorithm must be one of"),
+        (lambda s: s["inputs"].update(typo={}), "unknown inputs"),
+        (lambda s: s["inputs"]["compute_ms"].update(range=[1, 2, 3]), "inputs.compute_ms: nomin"),
+        (lambda s: s["inputs"]["compute_ms"].update(nominal=900), "outside its range"),
+        (lambda s: s["published"][0].update(gpus=300), "published.0..gpus = 300"),
+    ):
+        sc = json.loads(json.dumps(good))
+        change(sc)
+        path.write_text(json.dumps(sc))
+        with pytest.raises(ValueError, match=message):
+            P.load(str(path))
 
 
 def test_model_cli_explain_and_scenario(tmp_path):
@@ -236,7 +359,8 @@ def test_model_cli_explain_and_scenario(tmp_path):
         text=True,
         check=True,
     )
-    assert "chosen by auto" in r.stdout and "4x2" in r.stdout
+    chosen = [line.split()[0] for line in r.stdout.splitlines() if "chosen by auto" in line]
+    assert chosen == ["4x2"]
     out = tmp_path / "proj.json"
     r = subprocess.run(
         [
@@ -316,6 +440,27 @@ def test_auto_gives_the_bits_of_the_grid_it_chose(monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_DDL_TOPOLOGY", "auto")
     with pytest.raises(ValueError, match="JAX_DDL_PROFILE: cannot read the profile"):
         run("auto")
+
+
+def test_explain_lists_what_auto_weighs_for_this_launch(monkeypatch, tmp_path):
+    import jax
+
+    import jax_ddl
+
+    n = jax.device_count()
+    rows = jax_ddl.explain(1 << 20)
+    assert {r["grid"] for r in rows} == {
+        "x".join(map(str, d)) for d in M.candidates(M.Placement(1, 1, n))
+    }
+    assert sum(r["chosen"] for r in rows) == 1 and rows[0]["dims"] == (n,)
+    # A profile measured elsewhere is used, with a warning that says so.
+    prof = M.Profile(**{**PROFILE.__dict__, "placement": M.Placement(2, 1, 4)})
+    prof.save(str(tmp_path / "p.json"))
+    monkeypatch.setenv("JAX_DDL_PROFILE", str(tmp_path / "p.json"))
+    from jax_ddl._src import topology
+
+    with pytest.warns(UserWarning, match="measured on 2x1x4.*runs on 1x1x8"):
+        topology.choose(n, 1 << 20, "float32", True, 0, 16384)
 
 
 def test_calibrate_cli_one_process(tmp_path):

@@ -10,9 +10,11 @@ from jax_ddl._src.collectives import (
     reset_counters,
     supported_platforms,
 )
+from jax_ddl._src.model import explain_launch as explain
 
 __all__ = [
     "psum",
+    "explain",
     "pmean",
     "pmax",
     "pmin",

@@ -54,11 +54,20 @@ __all__ = [
 
 
 def _bench_rows(path: str):
-    with open(path) as f:
-        result = json.load(f)
-    s = result["settings"]
+    from jax_ddl._src.model import read_json
+
+    result = read_json(path, "bench JSON")
+    s = result.get("settings") if isinstance(result, dict) else None
+    if not isinstance(s, dict) or not isinstance(result.get("rows"), list):
+        raise ValueError(
+            f"{path} is not benchmark output (no settings and rows): give files written by "
+            "python -m jax_ddl.bench --json"
+        )
     if "placement" not in s:
-        raise ValueError(f"{path}: no placement in its settings (made by an older jax_ddl.bench)")
+        raise ValueError(
+            f"{path}: no placement in its settings (written by an older jax_ddl.bench); rerun "
+            "python -m jax_ddl.bench --json"
+        )
     placement = Placement.parse(s["placement"])
     for row in result["rows"]:
         if row["impl"] not in ("jax_ddl", "ddl-flat"):
@@ -86,10 +95,19 @@ def validate(paths, profiles) -> dict:
     """Predicted against measured for every jax_ddl / ddl-flat row of bench JSON files.
 
     `profiles`: one Profile for all files, or a dict path -> Profile."""
-    rows = []
+    rows, notes = [], []
     for path in paths:
         prof = profiles[path] if isinstance(profiles, dict) else profiles
+        source = prof.meta.get("path") or prof.meta.get("source", "?")
+        notes.append(f"{os.path.basename(path)}: predicted with {source}")
         for r in _bench_rows(path):
+            if prof.placement is not None and prof.placement != r["placement"]:
+                note = (
+                    f"warning: {os.path.basename(path)} ran on {r['placement'].label()}, the "
+                    f"profile was measured on {prof.placement.label()}"
+                )
+                if note not in notes:
+                    notes.append(note)
             dims = tuple(int(d) for d in r["grid"].split("x"))
             p = predict(
                 r["size"], dims, r["placement"], prof, dtype=r["dtype"], inplace=r["mode"] == "ip"
@@ -122,6 +140,7 @@ def validate(paths, profiles) -> dict:
         return errs[min(len(errs) - 1, int(q * len(errs)))] if errs else float("nan")
 
     return {
+        "notes": notes,
         "rows": rows,
         "ratios": ratios,
         "median_abs_error": pct(0.5)
@@ -157,14 +176,14 @@ def _runs(folder: str):
 
 def _validation_json(v) -> dict:
     return {
-        **{k: v[k] for k in ("median_abs_error", "p90_abs_error", "max_ratio_error")},
+        **{k: v[k] for k in ("median_abs_error", "p90_abs_error", "max_ratio_error", "notes")},
         "rows": [{**r, "placement": r["placement"].label()} for r in v["rows"]],
         "ratios": v["ratios"],
     }
 
 
 def _validation_text(v) -> str:
-    out = [
+    out = [f"# {n}" for n in v["notes"]] + [
         f"# {'placement':>9} {'grid':>7} {'impl':>8} {'size':>10} {'mode':>4} "
         f"{'measured ms':>12} {'predicted ms':>12} {'error':>7}"
     ]
@@ -298,14 +317,22 @@ def main(argv=None) -> int:
             if not args.placement:
                 p.error("--explain needs --placement HOSTSxPROCESSESxDEVICES")
             placement = Placement.parse(args.placement)
-            nbytes = parse_size(args.explain)
+            try:
+                nbytes = parse_size(args.explain)
+            except argparse.ArgumentTypeError as e:
+                p.error(f"--explain: {e}")
             prof = profile_for()
             rows = explain(nbytes, placement, prof, dtype=args.dtype, inplace=not args.oop)
             print(
                 f"# {nbytes} bytes per device, {args.dtype}, "
                 f"{'out of' if args.oop else 'in'} place, placement {placement.label()}, "
-                f"profile: {prof.meta.get('source') or prof.meta.get('command', '?')}"
+                f"profile: {prof.meta.get('path') or prof.meta.get('source', '?')}"
             )
+            if prof.placement is not None and prof.placement != placement:
+                print(
+                    f"# warning: the profile was measured on {prof.placement.label()}; its "
+                    "terms may not hold for this placement"
+                )
             print(f"# {'grid':>9} {'path':>8} {'chunks':>6} {'predicted ms':>12}  note")
             for i, r in enumerate(rows):
                 note = ", ".join(

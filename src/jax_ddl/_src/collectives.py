@@ -437,7 +437,7 @@ def allreduce(
             axes=mesh_axes,
             group_axes=others,
             op=op,
-            grid=tuple(dims),
+            grid=None if dims == _topology.AUTO else tuple(dims),
             timeout=timeout_ms(),
             small=small_bytes(),
             chunk=chunk_bytes(),

@@ -44,11 +44,12 @@ DTYPE_BYTES = {
 # Accumulator bytes per element: 16-bit floats accumulate in float32 (docs/design.md).
 ACC_BYTES = {"bfloat16": 4, "float16": 4}
 MAX_CHUNKS = 64
+MAX_PHASES = 128  # ffi/rendezvous.h kMaxPhases: barriers of one call
 DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_SMALL_BYTES = 16 << 10
 # topology="auto" keeps the default grid unless another is predicted faster by more than
-# this fraction: the model's median error on this project's validation runs is about 12 %
-# (docs/model.md), so smaller predicted gains are not real gains (one measured 0.77x).
+# this fraction, about the model's median error on this project's validation runs (14 %,
+# docs/model.md): smaller predicted gains are not real gains.
 AUTO_MARGIN = 0.15
 
 
@@ -169,7 +170,7 @@ class Profile:
             },
             "faults": [list(p) for p in self.faults],
             "placement": None if self.placement is None else self.placement.label(),
-            "meta": self.meta,
+            "meta": {k: v for k, v in self.meta.items() if k != "path"},
         }
 
     @classmethod
@@ -200,18 +201,38 @@ class Profile:
                 placement=Placement.parse(d["placement"]) if d.get("placement") else None,
                 meta=dict(d.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(
                 f"{source} is not a jax_ddl profile ({type(e).__name__}: {e}); write one with "
                 "python -m jax_ddl.calibrate --out FILE"
             ) from None
+        problems = []
         if p.copy_Bps <= 0 or any(v <= 0 for v in p.reduce_Bps.values()):
-            raise ValueError(f"{source}: bandwidths must be positive")
+            problems.append("copy and reduction rates must be > 0")
+        for level in LEVELS:
+            link = p.links.get(level)
+            if link is None:
+                problems.append(f"links.{level} is missing")
+            elif (
+                link.bandwidth_Bps <= 0 or link.latency_s < 0 or any(b <= 0 for _, b in link.curve)
+            ):
+                problems.append(f"links.{level} needs bandwidths > 0 and a latency >= 0")
+        if p.call_s < 0 or p.barrier_s < 0 or any(v < 0 for _, v in p.faults):
+            problems.append("call_s, barrier_s and page-fault costs must be >= 0")
+        if not 0 <= p.overlap <= 1:
+            problems.append(f"overlap must be in [0, 1]; got {p.overlap}")
+        if problems:
+            raise ValueError(
+                f"{source}: " + "; ".join(problems) + " (python -m jax_ddl.calibrate writes "
+                "a complete profile)"
+            )
         return p
 
     @classmethod
     def load(cls, path: str) -> Profile:
-        return cls.from_json(read_json(path, "profile"), source=f"the profile {path!r}")
+        p = cls.from_json(read_json(path, "profile"), source=f"the profile {path!r}")
+        p.meta["path"] = path
+        return p
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -362,19 +383,22 @@ def predict(
     out = {"mode": mode, "chunks": 1, "fixed_s": profile.call_s, "faults_s": faults}
 
     if mode == "local":
-        if S <= small_bytes:  # one barrier; every rank reduces everything itself
-            local = D * ((D + 1) * S + S) / red + profile.barrier_s
-            messages = 0.0
+        if S <= small_bytes:
+            # One barrier: each rank copies its input into staging, then reduces all of
+            # them itself into its output.
+            per_rank = 2 * S + D * S + S
+            local = D * per_rank / red + profile.barrier_s
         else:
-            regions = _regions(S, dims)
+            # Stage i: a rank reads its part from its group's buffers (the inputs, then the
+            # partial results: float32 for 16-bit types) and writes it, at the last stage
+            # into every rank's output. Barriers: arrival and after every stage.
             per_rank = 0.0
-            for i, (n, p) in enumerate(zip(regions, dims)):
-                last = i == len(dims) - 1
-                per_rank += n + (S if last else n / p * acc)  # reads; writes (final: every output)
-            local = D * per_rank / red + len(dims) * profile.barrier_s
-            messages = 0.0
-        out.update(local_s=local, messages_s=messages)
-        out["time_s"] = profile.call_s + local + messages + faults
+            for i, (n, p) in enumerate(zip(_regions(S, dims), dims)):
+                per_rank += n * (1 if i == 0 else acc)
+                per_rank += S if i == len(dims) - 1 else n / p * acc
+            local = D * per_rank / red + (len(dims) + 1) * profile.barrier_s
+        out.update(local_s=local, messages_s=0.0)
+        out["time_s"] = profile.call_s + local + faults
         return out
 
     if mode == "across":
@@ -382,35 +406,42 @@ def predict(
         while prod < D:
             prod *= dims[k]
             k += 1
-        ldims, pdims = dims[:k], dims[k:] or (1,)
+        ldims, pdims = dims[:k] or (1,), dims[k:] or (1,)
         chunks = 1
         if chunk_bytes > 0 and S > chunk_bytes:
-            chunks = min(MAX_CHUNKS, math.ceil(S / chunk_bytes))
-        # Local work of the whole call, per process.
+            local_barriers = max(1, len(ldims) - 1)
+            chunks = max(
+                1,
+                min(MAX_CHUNKS, math.ceil(S / chunk_bytes), (MAX_PHASES - 2) // local_barriers),
+            )
+        # Local stages (per rank): read the part from the group (inputs, then float32
+        # partials for 16-bit types), write it (float32 scratch; the last into the slice
+        # this slot takes across processes).
         per_rank_red = 0.0
-        for n, p in zip(_regions(S, ldims), ldims):
-            if p > 1:
-                per_rank_red += n + n / p * acc
-        s = S / D  # the slice a slot takes across processes
+        for i, (n, p) in enumerate(zip(_regions(S, ldims), ldims)):
+            per_rank_red += n * (1 if i == 0 else acc) + n / p * acc
+        s = S / D  # the slice a slot takes across processes (dtype bytes; float32 inside)
         per_rank_copy = 0.0
         messages = 0.0
         for j, (m, q) in enumerate(zip(_regions(s, pdims), pdims)):
             if q == 1:
                 continue
-            part = m / q
-            # Reduce-scatter: the parts to send gathered into frames, the received ones
-            # reduced with the own one; all-gather: the own part into a frame, the received
-            # ones scattered out.
-            per_rank_copy += 2 * part * (q - 1) + 2 * part * q
-            per_rank_red += m * acc + part * acc
+            part = m / q * acc
+            # Reduce-scatter: the q - 1 parts to send copied into frames, the received
+            # ones reduced with the own one; all-gather: the own part copied into q - 1
+            # frames, the q - 1 received ones copied out.
+            per_rank_copy += 3 * 2 * part * (q - 1)
+            per_rank_red += (q + 1) * part
             # Every slot of every process sends `part` to each group peer, all slots at
             # once (the slots are symmetric: slot 0's traffic times D).
             net, host = _exchange(placement, pdims, j, part, members=lambda r: r * D)
             net, host = net * D / chunks, host * D / chunks
             messages += 2 * chunks * _link_time(profile, net, host, part / chunks)
-        per_rank_copy += s + S  # the final slice read once, written into every local output
+        # The final slice read once (float32) and written into every local output.
+        per_rank_copy += s * acc + S
         local = D * (per_rank_red / red + per_rank_copy / copy) + faults
-        local += len([p for p in ldims if p > 1]) * profile.barrier_s * chunks
+        # Arrival, a barrier after every local stage but the last per chunk, exit.
+        local += ((len(ldims) - 1) * chunks + 2) * profile.barrier_s
         # A pipeline of m chunks hides (m - 1) / m of the shorter of the two behind the
         # longer, as far as the machine lets memory work and messages overlap.
         body = local + messages - profile.overlap * min(local, messages) * (chunks - 1) / chunks
@@ -419,25 +450,36 @@ def predict(
         return out
 
     # spanning: every stage over the whole grid, local peers in shared memory, remote ones
-    # over MPI; no pipelining.
+    # over MPI in frames; no pipelining.
     local = 0.0
     messages = 0.0
-    for i, (n, p) in enumerate(zip(_regions(S, dims), dims)):
+    regions = _regions(S, dims)
+    for i, (n, p) in enumerate(zip(regions, dims)):
         if p == 1:
             continue
+        last = i == len(dims) - 1
+        es = 1 if i == 0 else acc  # reduce-scatter stages after the first carry float32
         part = n / p
-        net, host = _exchange(placement, dims, i, part)
         stride = math.prod(dims[:i])
-        # Peers of rank 0's group in another process: their parts go through frames.
+        # Group peers of rank 0 in other processes (their parts go through frames).
         remote = sum(
             1 for q in range(1, p) if placement.where(q * stride)[1] != placement.where(0)[1]
         )
-        # reduce-scatter: read p parts, write one (+ frames for the remote ones);
-        # all-gather: the owner writes its part into local peers, remote parts copied in.
-        per_rank = n + part * acc + 2 * part * remote * 2 + part * (p - 1 - remote)
-        local += D * per_rank / red + 2 * profile.barrier_s
-        messages += 2 * _link_time(profile, net, host, part)
-    local += D * S / copy + faults  # final slices into the outputs
+        near = p - 1 - remote
+        # Reduce-scatter: the parts for remote peers gathered into frames; the part read
+        # from the local peers and the frames, reduced and written (at the last stage
+        # into the outputs of the local group peers and its own).
+        rs = 2 * remote * part * es + p * part * es + part * (near + 1 if last else acc)
+        # All-gather: the own part gathered into each remote peer's frame, the local peers'
+        # parts copied from their outputs (not at the last stage), the remote ones
+        # scattered out of their frames.
+        ag = 2 * remote * part + (0 if last else 2 * near * part) + 2 * remote * part
+        local += D * (rs / red + ag / copy)
+        net, host = _exchange(placement, dims, i, part)
+        messages += _link_time(profile, net * es, host * es, part * es)
+        messages += _link_time(profile, net, host, part)
+    # Arrival, a barrier after every reduce-scatter stage but the last, one per all-gather.
+    local += (2 * len(dims)) * profile.barrier_s + faults
     out.update(local_s=local, messages_s=messages)
     out["time_s"] = profile.call_s + local + messages
     return out
@@ -447,7 +489,7 @@ def predict(
 
 
 def _factorisations(n: int, max_dims: int):
-    """Ordered factorisations of n into factors >= 2 (n itself included)."""
+    """Ordered factorisations of n into factors >= 2 (n itself included; () for 1)."""
     if n == 1:
         yield ()
         return
@@ -474,6 +516,8 @@ def default_grid(placement: Placement) -> tuple[int, ...]:
 def candidates(placement: Placement, max_dims: int = 4, limit: int = 4096) -> list[tuple]:
     """Grids for `placement`: every ordered factorisation of the ranks into at most
     `max_dims` dimensions (the default grid always included)."""
+    if placement.ranks == 1:
+        return [(1,)]
     out = []
     for dims in _factorisations(placement.ranks, max_dims):
         out.append(dims)
@@ -529,3 +573,35 @@ def choose(nbytes: int, placement: Placement, profile: Profile | None = None, **
     """The grid topology="auto" runs: the fastest predicted, unless the default grid is
     predicted within AUTO_MARGIN of it."""
     return next(r["dims"] for r in explain(nbytes, placement, profile, **kw) if r["chosen"])
+
+
+def explain_launch(
+    nbytes: int,
+    *,
+    placement: Placement | None = None,
+    profile: Profile | None = None,
+    dtype: str = "float32",
+    inplace: bool = True,
+) -> list[dict]:
+    """jax_ddl.explain: the candidates topology="auto" weighs for a call of `nbytes` per
+    device, fastest predicted first, each with "chosen" (what auto runs) and "default".
+    Placement: this launch's (every device of every process; hosts as
+    jax_ddl.distributed found them); profile: JAX_DDL_PROFILE, else the built-in terms;
+    chunk and small-message sizes from the environment, as a call would use."""
+    if placement is None:
+        import jax
+
+        from jax_ddl._src import topology
+
+        placement = topology.placement(jax.device_count())
+    from jax_ddl._src.collectives import chunk_bytes, small_bytes
+
+    return explain(
+        nbytes,
+        placement,
+        profile or profile_from_env(),
+        dtype=dtype,
+        inplace=inplace,
+        chunk_bytes=chunk_bytes(),
+        small_bytes=small_bytes(),
+    )

@@ -41,6 +41,8 @@ from __future__ import annotations
 import itertools
 import math
 
+PLANS = ("aware", "flat ring")
+ALGORITHMS = ("ring", "halving-doubling")
 INPUTS = (
     "intra_bandwidth_GBps",
     "intra_latency_us",
@@ -62,22 +64,69 @@ def load(path: str) -> dict:
     return sc
 
 
-def check(sc: dict, source: str = "scenario") -> None:
+def check(sc, source: str = "scenario") -> None:
+    """Raises ValueError naming the field of `sc` that is missing or wrong."""
+
+    def fail(what):
+        raise ValueError(f"{source}: {what} (see docs/scenarios/*.json for the format)")
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(sc, dict):
+        fail("a scenario is a JSON object")
     missing = [k for k in ("name", "devices_per_host", "gpus", "inputs") if k not in sc]
     if missing:
-        raise ValueError(f"{source}: missing {missing}")
+        fail(f"missing {missing}")
+    d = sc["devices_per_host"]
+    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+        fail(f"devices_per_host must be a positive int; got {d!r}")
+    gpus = sc["gpus"]
+    if (
+        not isinstance(gpus, list)
+        or not gpus
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in gpus)
+    ):
+        fail(f"gpus must be a list of positive ints; got {gpus!r}")
+    if sc.get("plan", "aware") not in PLANS:
+        fail(f"plan must be one of {list(PLANS)}; got {sc.get('plan')!r}")
+    if sc.get("inter_algorithm", "ring") not in ALGORITHMS:
+        fail(f"inter_algorithm must be one of {list(ALGORITHMS)}; got {sc['inter_algorithm']!r}")
+    if sc.get("overlap") not in (True, False, None):
+        fail(f"overlap must be true, false or null (unknown); got {sc['overlap']!r}")
+    inputs = sc["inputs"]
+    if not isinstance(inputs, dict):
+        fail("inputs must be an object of {name: {nominal, range, source}}")
+    unknown = sorted(set(inputs) - set(INPUTS))
+    if unknown:
+        fail(f"unknown inputs {unknown} (known: {list(INPUTS)})")
     for k in INPUTS:
-        v = sc["inputs"].get(k)
+        v = inputs.get(k)
         if not isinstance(v, dict) or "nominal" not in v or "range" not in v:
-            raise ValueError(
-                f"{source}: inputs.{k} must be {{'nominal': x, 'range': [lo, hi], 'source': "
-                f"'...'}}; got {v!r}"
+            fail(
+                f"inputs.{k} must be {{'nominal': x, 'range': [lo, hi], 'source': '...'}}; "
+                f"got {v!r}"
             )
-        lo, hi = v["range"]
-        if not lo <= v["nominal"] <= hi:
-            raise ValueError(f"{source}: inputs.{k}: nominal {v['nominal']} outside {v['range']}")
+        r = v["range"]
+        if not number(v["nominal"]) or not (
+            isinstance(r, list) and len(r) == 2 and all(number(x) for x in r)
+        ):
+            fail(f"inputs.{k}: nominal must be a number and range [low, high]; got {v!r}")
+        if not r[0] <= v["nominal"] <= r[1] or r[0] < 0:
+            fail(f"inputs.{k}: nominal {v['nominal']} outside its range {r} (or negative)")
         if not v.get("source"):
-            raise ValueError(f"{source}: inputs.{k} has no source")
+            fail(f"inputs.{k} has no source")
+    for k in ("intra_bandwidth_GBps", "inter_bandwidth_Gbps", "compute_ms", "buckets"):
+        if inputs[k]["range"][0] <= 0:
+            fail(f"inputs.{k} must be > 0 over its whole range")
+    for i, pub in enumerate(sc.get("published", [])):
+        if not isinstance(pub, dict) or not all(k in pub for k in ("gpus", "efficiency")):
+            fail(f"published[{i}] needs gpus and efficiency")
+        for k in ("gpus", "baseline_gpus"):
+            if k in pub and pub[k] not in gpus:
+                fail(f"published[{i}].{k} = {pub[k]!r} is not among gpus {gpus}")
+        if not number(pub["efficiency"]) or not 0 < pub["efficiency"] <= 1:
+            fail(f"published[{i}].efficiency must be in (0, 1]; got {pub['efficiency']!r}")
 
 
 def allreduce_s(x: dict, gpus: int, d: int, aware: bool) -> float:

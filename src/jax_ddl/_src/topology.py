@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import jax
 
@@ -62,6 +63,7 @@ def default_dims(size: int) -> tuple[int, ...]:
 
 
 AUTO = "auto"
+_warned: set = set()
 
 
 def placement(size: int):
@@ -83,15 +85,28 @@ def placement(size: int):
 
 
 def choose(size: int, nbytes: int, dtype: str, inplace: bool, chunk: int, small: int):
-    """topology="auto": the grid the cost model predicts fastest for `nbytes` per device
-    (profile: JAX_DDL_PROFILE, else the built-in default)."""
+    """topology="auto": the grid the cost model picks for `nbytes` per device (profile:
+    JAX_DDL_PROFILE, else the built-in default; every process must use the same one, or
+    they pick different grids and fail at the handshake)."""
     from jax_ddl._src import model
 
+    where = placement(size)
+    profile = model.profile_from_env()
+    if profile.placement is not None and profile.placement != where:
+        key = (profile.meta.get("path"), where)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"jax_ddl topology='auto': the profile {profile.meta.get('path')} was measured "
+                f"on {profile.placement.label()} (hosts x processes x devices), this call runs "
+                f"on {where.label()}; calibrate in this launch for terms that hold here",
+                stacklevel=4,
+            )
     return tuple(
         model.choose(
             nbytes,
-            placement(size),
-            model.profile_from_env(),
+            where,
+            profile,
             dtype=dtype,
             inplace=inplace,
             chunk_bytes=chunk,
