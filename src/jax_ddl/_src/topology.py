@@ -46,20 +46,11 @@ def format(dims) -> str:  # noqa: A001 - mirrors parse()
 def default_dims(size: int) -> tuple[int, ...]:
     """DDL's hierarchy when the axis covers every device of every process: local devices,
     then processes per host, then hosts (host dimension only when jax_ddl.distributed found
-    several hosts, each with consecutive ranks); dimensions of 1 left out. Else flat."""
-    local, procs = jax.local_device_count(), jax.process_count()
-    if procs == 1 or local * procs != size:
-        return (size,)
-    from jax_ddl._src import distributed
+    several hosts, each with consecutive ranks); dimensions of 1 left out. Else flat. The
+    cost model's default grid for this launch's placement, so the two never differ."""
+    from jax_ddl._src import model
 
-    lay = distributed.layout() or {}
-    hosts, per_host = lay.get("hosts", 1), lay.get("processes_per_host", procs)
-    dims = [local] if local > 1 else []
-    if hosts > 1 and per_host > 1 and lay.get("hosts_contiguous"):
-        dims += [per_host, hosts]
-    else:
-        dims.append(procs)
-    return tuple(dims) if len(dims) > 1 else (size,)
+    return model.default_grid(placement(size))
 
 
 AUTO = "auto"
