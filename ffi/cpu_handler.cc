@@ -179,6 +179,7 @@ ffi::Error FinishSmall(const Call& c, Rendezvous* r, bool arrived) {
   // Peers' staging belongs to the call site, not to XLA: it stays valid after they leave.
   Registry::Get().Leave(r, c.rank, c.deadline);
   const auto t1 = Clock::now();
+  c.ds->met = t1;
 
   // Nested accumulation in plan order: level j holds the partial sum over dimension j.
   constexpr int64_t kBlock = 1024;
@@ -347,6 +348,7 @@ ffi::Error FinishLarge(const Call& c, Rendezvous* r, bool arrived) {
   StallIfAsked(c);
   const auto t0 = c.start;
   const auto t1 = Clock::now();
+  c.ds->met = t1;
   auto t2 = t1;
   for (int s = 0; s < stages; ++s) {
     const int64_t group_size = plan.dim(s);
@@ -526,6 +528,7 @@ ffi::Error RunAcross(const Call& call) {
   auto fail = [&](bool own) { return FailAcross(c, r, slot, &mpi, &error, own); };
   if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
   const auto t1 = Clock::now();
+  c.ds->met = t1;
   const LocalViews<T> v{r, m.inter != nullptr};
 
   auto post = [&](int64_t index) {
@@ -700,6 +703,7 @@ ffi::Error RunSpanning(const Call& c) {
   if (!r->Arrive(slot, m, c.deadline, &error)) return fail(false);
   if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
   const auto t1 = Clock::now();
+  c.ds->met = t1;
   auto local = [&](int64_t q) { return q >= base && q < base + slots; };
   auto input_view = [&](int64_t q) {
     return View{r->member(q - base).inputs, nullptr, sizeof(T)};
@@ -848,6 +852,26 @@ ffi::Error RunSpanning(const Call& c) {
   return ffi::Error::Success();
 }
 
+// Adds this call to the timeline when tracing is on (TraceEnable).
+void Trace(const Call& c, bool ok, bool deferred) {
+  if (!Tracing()) return;
+  auto ns = [](Clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+  };
+  TraceEvent e;
+  e.site = c.site->context();
+  e.rank = c.rank;
+  e.device = c.device;
+  e.bytes = c.desc.count * static_cast<int64_t>(ffi::ByteWidth(static_cast<ffi::DataType>(
+                               c.desc.dtype)));
+  e.start_ns = ns(c.start);
+  e.met_ns = c.ds->met == Clock::time_point{} ? 0 : ns(c.ds->met);
+  e.end_ns = ns(Clock::now());
+  e.ok = ok;
+  e.deferred = deferred;
+  TraceRecord(std::move(e));
+}
+
 ffi::Future Ready(ffi::Error error) {
   ffi::Promise promise;
   ffi::Future future(promise);
@@ -881,6 +905,7 @@ ffi::Future Defer(const Call& c, Fn fn, Rendezvous* joined = nullptr) {
   ffi::Future future(promise);
   const bool started = RunOnWorker([c, fn, promise]() mutable {
     ffi::Error result = fn(c);
+    Trace(c, result.success(), true);
     // The next execution of this site (a loop's next iteration) may start as soon as the
     // promise completes, on this very thread: release the site first.
     c.ds->busy = false;
@@ -902,6 +927,7 @@ ffi::Future Defer(const Call& c, Fn fn, Rendezvous* joined = nullptr) {
 }
 
 ffi::Future Done(const Call& c, ffi::Error result) {
+  Trace(c, result.success(), false);
   c.ds->busy = false;
   return Ready(std::move(result));
 }
@@ -1130,6 +1156,7 @@ ffi::Future AllreduceCpu(ffi::RunId run_id, int32_t device, Site* site, ffi::Any
   c.desc = desc;
   c.key = RendezvousKey{run_id.run_id, site->serial(), group, ds.occurrence++};
   c.start = start;
+  ds.met = Clock::time_point{};
   c.deadline = Deadline(start, site->timeout_ms());
 
   return Dispatch(c);

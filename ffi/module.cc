@@ -121,6 +121,18 @@ NB_MODULE(_ddl, m) {
       },
       nb::arg("comm_handles"), nb::arg("process"), nb::arg("processes"));
   m.def("reset_counters", []() { jax_ddl::GetCounters().Reset(); });
+  // The timeline of calls (jax_ddl.trace): on/off, the events as tuples, the clock.
+  m.def("trace_enable", &jax_ddl::TraceEnable, nb::arg("on"), nb::arg("limit") = 1000000);
+  m.def("trace_take", []() {
+    nb::list out;
+    for (const auto& e : jax_ddl::TraceTake()) {
+      out.append(nb::make_tuple(e.site, e.rank, e.device, e.bytes, e.start_ns, e.met_ns, e.end_ns,
+                                e.ok, e.deferred));
+    }
+    return out;
+  });
+  m.def("trace_dropped", &jax_ddl::TraceDropped);
+  m.def("trace_now", &jax_ddl::TraceNow);
   m.def(
       "set_fault",
       [](const std::string& kind, int64_t rank, int64_t ms, int64_t count) {

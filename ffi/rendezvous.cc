@@ -312,6 +312,64 @@ Counters& GetCounters() {
 }
 
 namespace {
+struct TraceState {
+  std::mutex mu;
+  std::atomic<bool> on{false};
+  int64_t limit = 0;
+  int64_t dropped = 0;
+  std::vector<TraceEvent> events;
+};
+TraceState& Traces() {
+  static TraceState* t = new TraceState();
+  return *t;
+}
+}  // namespace
+
+void TraceEnable(bool on, int64_t limit) {
+  TraceState& t = Traces();
+  std::lock_guard<std::mutex> lock(t.mu);
+  if (on) {
+    t.events.clear();
+    t.dropped = 0;
+    t.limit = std::max<int64_t>(0, limit);
+  }
+  t.on.store(on, std::memory_order_relaxed);
+}
+
+bool Tracing() { return Traces().on.load(std::memory_order_relaxed); }
+
+void TraceRecord(TraceEvent event) {
+  TraceState& t = Traces();
+  std::lock_guard<std::mutex> lock(t.mu);
+  if (!t.on.load(std::memory_order_relaxed)) return;
+  if (static_cast<int64_t>(t.events.size()) >= t.limit) {
+    ++t.dropped;
+    return;
+  }
+  t.events.push_back(std::move(event));
+}
+
+std::vector<TraceEvent> TraceTake() {
+  TraceState& t = Traces();
+  std::lock_guard<std::mutex> lock(t.mu);
+  std::vector<TraceEvent> out;
+  out.swap(t.events);
+  return out;
+}
+
+int64_t TraceDropped() {
+  TraceState& t = Traces();
+  std::lock_guard<std::mutex> lock(t.mu);
+  return t.dropped;
+}
+
+int64_t TraceNow() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+namespace {
 struct FaultState {
   std::mutex mu;
   FaultKind kind = FaultKind::kNone;

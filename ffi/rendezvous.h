@@ -173,6 +173,29 @@ struct Counters {
 };
 Counters& GetCounters();
 
+// A timeline of calls, kept only while tracing is on (off by default: then a call pays
+// one relaxed load). One event per call per device, times in nanoseconds of the steady
+// clock (TraceNow) so that Python can place its own marks on the same axis.
+struct TraceEvent {
+  std::string site;   // the call site's context ("jax_ddl allreduce (call 3 of jit_step, ...)")
+  int64_t rank = 0;   // rank in the call's plan
+  int64_t device = 0; // local device ordinal
+  int64_t bytes = 0;  // bytes this device reduced
+  int64_t start_ns = 0;  // the handler was entered (XLA reached the call)
+  int64_t met_ns = 0;    // every rank had arrived (0: never, the call failed first)
+  int64_t end_ns = 0;    // the call completed (its future became ready)
+  bool ok = true;
+  bool deferred = false;  // completed on a jax_ddl thread, not on XLA's
+};
+// Turns tracing on (clearing earlier events) or off; at most `limit` events are kept
+// (the first ones), `TraceDropped` counts the rest.
+void TraceEnable(bool on, int64_t limit);
+bool Tracing();
+void TraceRecord(TraceEvent event);
+std::vector<TraceEvent> TraceTake();  // the events so far; clears them
+int64_t TraceDropped();
+int64_t TraceNow();
+
 // Test-only faults, so the tests drive the paths real faults take. `rank` -1: every rank
 // of this process. Each fault fires `count` times (-1: until cleared).
 enum class FaultKind : int {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -46,6 +47,7 @@ struct DeviceSite {
   bool seen_run = false;
   int64_t occurrence = 0;  // executions of this site within the current run
   uint64_t completed = 0;  // successful small-path calls; picks the staging half
+  std::chrono::steady_clock::time_point met{};  // when the current call saw every rank arrive (for the trace)
   std::vector<char*> inputs, outputs;
   std::vector<int64_t> offsets;  // prefix sums of the buffers' element counts
   std::vector<char> staging[2];

@@ -101,7 +101,12 @@ def test_documented_command_runs_from_the_repository_root(doc, command, tmp_path
     argv = [str(BIN / a[len(".venv/bin/") :]) if a.startswith(".venv/bin/") else a for a in argv]
     if "examples/train.py" in command:
         argv += ["--out-dir", str(tmp_path / "run"), "--no-progress"]
-    for flag, name in (("--json", "bench.json"), ("--out", "plot.png"), ("--plot", "plot.png")):
+    for flag, name in (
+        ("--json", "bench.json"),
+        ("--out", "plot.png"),
+        ("--plot", "plot.png"),
+        ("--trace", "trace.json"),
+    ):
         if flag in argv:  # write the scratch folder, not docs/results
             argv[argv.index(flag) + 1] = str(tmp_path / name)
     # As a user's shell would have it: not the suite's x64 and device-count settings.

@@ -11,6 +11,7 @@ from jax_ddl._src.collectives import (
     supported_platforms,
 )
 from jax_ddl._src.model import explain_launch as explain
+from jax_ddl._src.trace import trace
 
 __all__ = [
     "psum",
@@ -22,5 +23,6 @@ __all__ = [
     "counters",
     "reset_counters",
     "supported_platforms",
+    "trace",
 ]
 __version__ = "0.1.0"
