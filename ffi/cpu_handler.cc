@@ -1162,7 +1162,39 @@ ffi::Future AllreduceCpu(ffi::RunId run_id, int32_t device, Site* site, ffi::Any
   return Dispatch(c);
 }
 
+// jax_ddl_gate: its results are its operands (aliased; copied where XLA did not alias
+// them). A custom call that XLA can neither remove nor see through, so that whatever
+// consumes its results runs after every operand exists: sync_gradients passes every
+// bucket's sum through one, so that no bucket's result is consumed, and its memory freed
+// and reused by the backward pass, while other buckets' calls may still be pending
+// (XLA's executor would order that reuse after the pending call).
+// Operands past the results are only waited for.
+ffi::Error GateCpu(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (args.size() < rets.size()) {
+    return Fail(ffi::ErrorCode::kInvalidArgument,
+                "jax_ddl_gate: expected at least one operand per result; got " +
+                    std::to_string(args.size()) + " operands and " +
+                    std::to_string(rets.size()) + " results");
+  }
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto in = args.get<ffi::AnyBuffer>(i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!in.has_value() || !out.has_value() || in->size_bytes() != (*out)->size_bytes()) {
+      return Fail(ffi::ErrorCode::kInvalidArgument,
+                  "jax_ddl_gate: operand " + std::to_string(i) +
+                      " is not a buffer of its result's size");
+    }
+    if (in->untyped_data() != (*out)->untyped_data()) {
+      std::memcpy((*out)->untyped_data(), in->untyped_data(), in->size_bytes());
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kGateCpu, GateCpu,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kAllreduceCpuInstantiate, InstantiateCpu,
                               ffi::Ffi::BindInstantiate()

@@ -62,6 +62,8 @@ NB_MODULE(_ddl, m) {
         return d;
       },
       nb::arg("platform") = "cpu");
+  // The gate (an ordering point, see cpu_handler.cc): CPU only; elsewhere it lowers to nothing.
+  m.def("gate_cpu", []() { return Capsule(reinterpret_cast<void*>(jax_ddl::kGateCpu)); });
   m.def("parse_topology", [](const std::string& spec) {
     std::vector<int64_t> dims;
     std::string error;

@@ -831,6 +831,7 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
   }
   size_t left = std::count(state.begin(), state.end(), 0);
   auto pause = std::chrono::microseconds(5);
+  const auto waiting_since = Clock::now();
   while (left > 0) {
     bool progressed = false;
     for (size_t i = 0; i < peers.size(); ++i) {
@@ -903,8 +904,16 @@ bool MpiCall::Handshake(WireHeader mine, DescribeFn describe, Failure* failure) 
     if (progressed) {
       pause = std::chrono::microseconds(5);
     } else {
+      // Backs off to 200 us, and further (to a tenth of the time waited so far, at most
+      // 2 ms) while the peers are late: a peer that is 20 ms behind is still computing,
+      // and with gradient buckets a process has many calls waiting at once, each polling
+      // on its own thread (measured: their polls cost more CPU than the messages).
       std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(200));
+      const auto waited =
+          std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - waiting_since);
+      const auto cap = std::clamp(waited / 10, std::chrono::microseconds(200),
+                                  std::chrono::microseconds(2000));
+      pause = std::min(pause * 2, cap);
     }
   }
   return true;

@@ -22,6 +22,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import jax_ddl  # noqa: E402
 from jax_ddl._src.buckets import DEFAULT_FIRST_BUCKET_BYTES, plan_buckets  # noqa: E402
 from resnet import input_pipeline as data  # noqa: E402
 from resnet import models  # noqa: E402
@@ -703,3 +704,48 @@ def test_stopped_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     )
     assert other.returncode == 2
     assert "written by another model (width=4); this run has width=8" in other.stderr
+
+
+def test_a_pending_bucket_call_does_not_hold_up_the_backward_pass():
+    """Rank 7's first gradient-bucket call arrives 1.5 s late (test fault); meanwhile the
+    backward pass runs on, so device 0 reaches later buckets' calls before that call
+    completes. Before the buckets' sums went through one gate (jax_ddl._src.gate), the
+    optimizer read each sum right after its call and XLA gave its memory to the next
+    backward-pass instruction, which then waited for the pending call: every device reached
+    the next call only after the late one completed."""
+    from jax_ddl import _ddl
+
+    mesh = training.global_mesh()
+    src = data.SyntheticSource(16, 10, pool=16)
+    model = models.create_model("resnet18", num_classes=10, width=16, stem="small")
+    tx = training.Recipe(global_batch=16, total_steps=10, warmup_steps=1).optimizer()
+    host = jax.device_get(training.create_state(model, tx, src.image_shape, 0))
+    batch = training.shard_batch(mesh, *src.load(np.arange(16), 0, True))
+    step = training.make_train_step(
+        model, tx, mesh, allreduce="ddl", num_classes=10, bucket_bytes=256 * 1024
+    )
+    state = training.replicate(host, mesh)
+    state, _ = step(state, *batch)
+    jax.block_until_ready(state)
+    _ddl.set_fault("delay", 7, 1500, 1)
+    with jax_ddl.trace() as t:
+        state, metrics = step(state, *batch)
+        jax.block_until_ready((state, metrics))
+    assert np.isfinite(float(metrics["loss"]))
+    by_site = {}
+    for e in t.events:
+        by_site.setdefault(e.site, []).append(e)
+    assert len(by_site) >= 4, sorted(by_site)
+    late = next(evs for evs in by_site.values() if any(e.rank == 7 and e.wait > 1.0 for e in evs))
+    late_end = max(e.end for e in late)
+    first = min(e.start for e in late)
+    reached = [
+        site
+        for site, evs in by_site.items()
+        if evs is not late
+        and min(e.start for e in evs if e.device == 0) < late_end - 0.5
+        and min(e.start for e in evs) > first
+    ]
+    assert len(reached) >= 2, {
+        s: [round(e.start - first, 3) for e in v] for s, v in by_site.items()
+    }

@@ -179,9 +179,10 @@ def make_train_step(
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
         # The allreduce seam: one call averages gradients, BatchNorm statistics and metrics
-        # (with buckets the gradients were averaged in the backward pass already).
+        # (with buckets the gradients were averaged in the backward pass already; the
+        # statistics wait for them, so that their call does not hold the backward pass up).
         if bucket_bytes > 0:
-            batch_stats, loss, accuracy = pmean((batch_stats, loss, accuracy), AXIS)
+            batch_stats, loss, accuracy = pmean((batch_stats, loss, accuracy), AXIS, after=grads)
         else:
             grads, batch_stats, loss, accuracy = pmean((grads, batch_stats, loss, accuracy), AXIS)
 

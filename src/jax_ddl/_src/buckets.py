@@ -1,27 +1,32 @@
 """Gradient buckets: the gradient is reduced inside the backward pass, bucket by bucket.
 
 `sync_gradients(params, axis)` returns `params` unchanged; in the backward pass the
-cotangent of each bucket of leaves is averaged over `axis` by jax_ddl as soon as the whole
+cotangent of each bucket of leaves is summed over `axis` by jax_ddl as soon as the whole
 bucket is ready, so the reduction of the last layers' gradients can run while the backward
 pass of earlier layers still computes (the CPU handler returns an FFI future and XLA runs
 independent work meanwhile). Buckets follow the reverse of the order in which the
 parameters were created (a Flax module creates them in forward order), as PyTorch DDP and
-Horovod bucket gradients.
+Horovod bucket gradients. All the buckets' sums then pass through one gate
+(jax_ddl._src.gate) and are divided by the axis size: nothing reads a bucket's sum before
+every bucket's exists, which keeps XLA from handing its memory to the backward pass and
+so making the backward pass wait for the pending call.
 
 Results equal the unbucketed reduction bit for bit: every element is reduced in the plan's
-order whichever call carries it.
+order whichever call carries it, and divided as pmean divides.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
 from jax_ddl._src import compat
-from jax_ddl._src.collectives import pmean, psum
+from jax_ddl._src.collectives import psum
+from jax_ddl._src.gate import gate
 
 # PyTorch DDP's defaults (25 MiB, first bucket 1 MiB): the first bucket small so that the
 # first reduction starts early in the backward pass.
@@ -100,18 +105,19 @@ def _to_varying(leaves, axes):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _synced(leaves, axis_name, mean, topology, primal_vma):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _synced(leaves, axis_name, topology, primal_vma):
     return _to_varying(leaves, _axes(axis_name))
 
 
-def _synced_fwd(leaves, axis_name, mean, topology, primal_vma):
+def _synced_fwd(leaves, axis_name, topology, primal_vma):
     return _to_varying(leaves, _axes(axis_name)), None
 
 
-def _synced_bwd(axis_name, mean, topology, primal_vma, _, cotangents):
-    reduce = pmean if mean else psum
-    out = reduce(tuple(cotangents), axis_name, topology=topology)
+def _synced_bwd(axis_name, topology, primal_vma, _, cotangents):
+    """One bucket: its gradient summed over `axis_name` (the mean, if asked for, is taken
+    after the gate in `_gathered_bwd`, so that nothing reads the sum before then)."""
+    out = psum(tuple(cotangents), axis_name, topology=topology)
     if compat.check_vma_enabled():
         # The reduced gradient is invariant over the axes; a primal that was varying over
         # them gets a varying cotangent, as its type requires.
@@ -124,6 +130,28 @@ def _synced_bwd(axis_name, mean, topology, primal_vma, _, cotangents):
 
 
 _synced.defvjp(_synced_fwd, _synced_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered(leaves, axis_name, mean):
+    return leaves
+
+
+def _gathered_fwd(leaves, axis_name, mean):
+    return leaves, None
+
+
+def _gathered_bwd(axis_name, mean, _, cotangents):
+    """Every bucket's sum, once all exist: through one gate (jax_ddl._src.gate), then
+    divided by the axis size for the mean, exactly as pmean divides psum's result."""
+    out = gate(tuple(cotangents))
+    if mean:
+        n = math.prod(jax.lax.axis_size(a) for a in _axes(axis_name))
+        out = tuple(o / n for o in out)
+    return (tuple(out),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def sync_gradients(
@@ -164,13 +192,16 @@ def sync_gradients(
       `params`, unchanged in value (varying over `axis_name` under check_vma).
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    out = list(leaves)
+    if not leaves:
+        return params
     vmas = [frozenset(compat.vma(jax.typeof(x))) for x in leaves]
+    axis_key = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+    leaves = list(_gathered(tuple(leaves), axis_key, mean))
+    out = list(leaves)
     for bucket in plan_buckets(params, bucket_bytes, first_bucket_bytes):
         synced = _synced(
             tuple(leaves[i] for i in bucket),
-            axis_name,
-            mean,
+            axis_key,
             topology,
             tuple(vmas[i] for i in bucket),
         )

@@ -22,6 +22,7 @@ from jax import lax
 from jax_ddl import _ddl
 from jax_ddl._src import compat
 from jax_ddl._src import topology as _topology
+from jax_ddl._src.gate import gate
 
 TARGET = "jax_ddl_allreduce"
 OPS = {"sum": 0, "max": 1, "min": 2}
@@ -460,7 +461,7 @@ def allreduce(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def psum(x, axis_name, *, topology=None, axis_index_groups=None):
+def psum(x, axis_name, *, topology=None, axis_index_groups=None, after=None):
     """All-reduce sum over named axes with DDL's topology-aware algorithm.
 
     A drop-in replacement for `jax.lax.psum` inside `jax.shard_map` (check_vma on or off)
@@ -481,6 +482,11 @@ def psum(x, axis_name, *, topology=None, axis_index_groups=None):
         "auto": the grid jax_ddl's cost model predicts fastest for this call's bytes
         (profile: JAX_DDL_PROFILE, else built-in terms; see jax_ddl.model.explain).
       axis_index_groups: as in jax.lax.psum; such a call is reduced by jax.lax.
+      after: a pytree of arrays (or None). The call starts only once all of it has been
+        computed; nothing else is done with it. It keeps a reduction, and XLA's reuse of
+        its buffers, out of work that should run first: with gradient buckets
+        (`sync_gradients`), `pmean(batch_stats, "data", after=grads)` reduces BatchNorm
+        statistics after the backward pass instead of holding it up (docs/training.md).
 
     Returns:
       A pytree like `x` holding the sum over the axes, identical on every rank.
@@ -494,7 +500,7 @@ def psum(x, axis_name, *, topology=None, axis_index_groups=None):
     varying with it).
     """
     return allreduce(
-        x,
+        _after(x, after),
         axis_name,
         op="sum",
         topology=topology,
@@ -503,15 +509,33 @@ def psum(x, axis_name, *, topology=None, axis_index_groups=None):
     )
 
 
-def pmean(x, axis_name, *, topology=None, axis_index_groups=None):
+def _after(x, after):
+    """`x`, passed through one gate with `after`'s leaves: consumers of the result (the
+    call) run only once every leaf of `after` exists."""
+    if after is None:
+        return x
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    extra = jax.tree_util.tree_leaves(after)
+    if not leaves or not extra:
+        return x
+    bad = [type(a).__name__ for a in extra if not hasattr(a, "dtype")]
+    if bad:
+        raise TypeError(
+            f"jax_ddl: `after` must be a pytree of arrays; it holds {', '.join(sorted(set(bad)))}"
+        )
+    gated = gate(tuple(jnp.asarray(v) for v in leaves), tuple(extra))
+    return jax.tree_util.tree_unflatten(treedef, list(gated))
+
+
+def pmean(x, axis_name, *, topology=None, axis_index_groups=None, after=None):
     """All-reduce mean: `psum(x) / axis size`, like `jax.lax.pmean`.
 
-    Args/Returns/Raises: as `psum`. Integer inputs give floating means, as in jax.lax.
+    Args/Returns/Raises: as `psum` (`after` too). Integer inputs give floating means, as in jax.lax.
     Differentiation: linear, as `psum`.
     """
     axes = _canonical_axes(axis_name, "jax_ddl.pmean")
     summed = allreduce(
-        x,
+        _after(x, after),
         axes,
         op="sum",
         topology=topology,
@@ -525,13 +549,13 @@ def pmean(x, axis_name, *, topology=None, axis_index_groups=None):
     return jax.tree_util.tree_map(lambda v: v / n, summed)
 
 
-def pmax(x, axis_name, *, topology=None, axis_index_groups=None):
+def pmax(x, axis_name, *, topology=None, axis_index_groups=None, after=None):
     """All-reduce maximum, like `jax.lax.pmax` (NaN propagates; bools stay bool).
 
     Args/Returns/Raises: as `psum`. Not differentiable (neither is jax.lax.pmax).
     """
     return allreduce(
-        x,
+        _after(x, after),
         axis_name,
         op="max",
         topology=topology,
@@ -540,13 +564,13 @@ def pmax(x, axis_name, *, topology=None, axis_index_groups=None):
     )
 
 
-def pmin(x, axis_name, *, topology=None, axis_index_groups=None):
+def pmin(x, axis_name, *, topology=None, axis_index_groups=None, after=None):
     """All-reduce minimum, like `jax.lax.pmin` (NaN propagates; bools stay bool).
 
     Args/Returns/Raises: as `psum`. Not differentiable (neither is jax.lax.pmin).
     """
     return allreduce(
-        x,
+        _after(x, after),
         axis_name,
         op="min",
         topology=topology,
