@@ -57,6 +57,7 @@ RULES = [
     (r"^\.venv/bin/python -m jax_ddl\.calibrate", ["--fault-sizes", "1M", "-n", "2"]),
     (r"^\.venv/bin/python -m jax_ddl\.model", []),
     (r"^\.venv/bin/python examples/plot_step_split\.py", []),
+    (r"^\.venv/bin/python tools/trace_table\.py", []),
 ]
 
 
