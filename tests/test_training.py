@@ -164,10 +164,10 @@ def test_label_smoothing_matches_the_formula():
 # The train step: jax_ddl against jax.lax
 
 
-def _setup(allreduce, steps, seed=0, topology=None, bucket_bytes=0):
+def _setup(allreduce, steps, seed=0, topology=None, bucket_bytes=0, model="resnet18"):
     mesh = training.global_mesh()
     src = data.DigitsSource("train", 8)
-    model = models.create_model("resnet18", num_classes=10, width=4)
+    model = models.create_model(model, num_classes=10, width=4)
     recipe = training.Recipe(global_batch=64, total_steps=steps, warmup_steps=2)
     tx = recipe.optimizer()
     state = training.replicate(training.create_state(model, tx, (8, 8, 1), seed), mesh)
@@ -183,8 +183,10 @@ def _setup(allreduce, steps, seed=0, topology=None, bucket_bytes=0):
     return mesh, src, state, step
 
 
-def _train(allreduce, steps, topology=None, bucket_bytes=0):
-    mesh, src, state, step = _setup(allreduce, steps, topology=topology, bucket_bytes=bucket_bytes)
+def _train(allreduce, steps, topology=None, bucket_bytes=0, model="resnet18"):
+    mesh, src, state, step = _setup(
+        allreduce, steps, topology=topology, bucket_bytes=bucket_bytes, model=model
+    )
     losses = []
     for s in range(steps):
         idx = data.train_indices(len(src), 64, 0, s)
@@ -248,6 +250,24 @@ def test_gradient_buckets_train_exactly_as_one_call_after_the_backward_pass(topo
         np.testing.assert_array_equal(b, o, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="buckets need allreduce='ddl'"):
         _setup("lax", 1, bucket_bytes=1 << 20)
+
+
+def test_resnet50_with_buckets_trains_as_one_call_bitwise_and_as_lax_within_tolerance():
+    """ResNet-50 (width 4) for 3 steps, flat plan, 64 KiB buckets: bit for bit the losses
+    and parameters of one jax_ddl call after the backward pass, and those of jax.lax.pmean
+    within the float tolerance of test_ddl_and_lax_train_to_the_same_losses_and_parameters."""
+    b_losses, b_state = _train("ddl", 3, bucket_bytes=64 << 10, model="resnet50")
+    one_losses, one_state = _train("ddl", 3, model="resnet50")
+    lax_losses, lax_state = _train("lax", 3, model="resnet50")
+    assert b_losses == one_losses
+    np.testing.assert_allclose(b_losses, lax_losses, rtol=1e-5)
+    for b, o, lx in zip(
+        jax.tree_util.tree_leaves(b_state.params),
+        jax.tree_util.tree_leaves(one_state.params),
+        jax.tree_util.tree_leaves(lax_state.params),
+    ):
+        np.testing.assert_array_equal(b, o)
+        np.testing.assert_allclose(b, lx, rtol=1e-4, atol=2e-5)
 
 
 def test_train_step_reduces_through_one_jax_ddl_call_and_lax_mode_through_none():
