@@ -141,7 +141,9 @@ def test_after_only_orders_the_call_results_and_gradients_unchanged():
         m = jax_ddl.pmean({"a": x, "b": x[:, :3]}, "i", **kw)
         hi = jax_ddl.pmax(x, "i", **kw)
         g = jax.grad(lambda v: jnp.sum(jax_ddl.pmean(v * v, "i", **kw)))(x)
-        return s, m, hi, g
+        # A constant stays a constant (jax.lax's 0.1 * 8, not a sum of eight 0.1s).
+        c = jnp.full((1,), jax_ddl.psum(0.1, "i", **kw))
+        return s, m, hi, g, c
 
     outs = {}
     for with_after in (False, True):

@@ -199,6 +199,8 @@ def sync_gradients(
         return params
     vmas = [frozenset(compat.vma(jax.typeof(x))) for x in leaves]
     axis_key = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+    if isinstance(topology, list):  # non-differentiable arguments must hash
+        topology = tuple(topology)
     leaves = list(_gathered(tuple(leaves), axis_key, mean))
     out = list(leaves)
     for bucket in plan_buckets(params, bucket_bytes, first_bucket_bytes):

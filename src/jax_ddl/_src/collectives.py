@@ -516,15 +516,19 @@ def _after(x, after):
         return x
     leaves, treedef = jax.tree_util.tree_flatten(x)
     extra = jax.tree_util.tree_leaves(after)
-    if not leaves or not extra:
-        return x
     bad = [type(a).__name__ for a in extra if not hasattr(a, "dtype")]
     if bad:
         raise TypeError(
             f"jax_ddl: `after` must be a pytree of arrays; it holds {', '.join(sorted(set(bad)))}"
         )
-    gated = gate(tuple(jnp.asarray(v) for v in leaves), tuple(extra))
-    return jax.tree_util.tree_unflatten(treedef, list(gated))
+    # Only traced leaves: constants stay constants (reduced as jax.lax reduces them).
+    traced = [i for i, v in enumerate(leaves) if compat.is_tracer(v)]
+    if not traced or not extra:
+        return x
+    gated = gate(tuple(leaves[i] for i in traced), tuple(extra))
+    for i, g in zip(traced, gated):
+        leaves[i] = g
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def pmean(x, axis_name, *, topology=None, axis_index_groups=None, after=None):

@@ -45,11 +45,14 @@ compat.mlir.register_lowering(gate_p, _lower_cpu, platform="cpu")
 
 
 def _jvp(primals, tangents, n):
-    return gate_p.bind(*primals, n=n), [compat.instantiate_zeros(t) for t in tangents[:n]]
+    # The identity on its first n operands: tangents pass as they are (symbolic zeros too).
+    return gate_p.bind(*primals, n=n), list(tangents[:n])
 
 
 def _transpose(cts, *xs, n):
-    out = [compat.Zero(x.aval) if type(ct) is compat.Zero else ct for ct, x in zip(cts, xs[:n])]
+    # Linear in its first n operands (the identity): cotangents pass as they came; the
+    # operands only waited for get a zero where JAX asks for one.
+    out = [ct if compat.is_undefined_primal(x) else None for ct, x in zip(cts, xs[:n])]
     rest = [compat.Zero(x.aval) if compat.is_undefined_primal(x) else None for x in xs[n:]]
     return out + rest
 

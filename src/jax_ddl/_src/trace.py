@@ -1,5 +1,5 @@
-"""A timeline of jax_ddl's calls: when each device reached a call, when its peers had all
-arrived, when it completed; and spans the program marks on the same clock.
+"""A timeline of jax_ddl's calls on CPU devices: when each device reached a call, when its
+peers had all arrived, when it completed; and spans the program marks on the same clock.
 
     with jax_ddl.trace() as t:
         for i in range(3):
@@ -211,10 +211,11 @@ class Trace:
 
 @contextlib.contextmanager
 def trace(limit: int = 1_000_000):
-    """Records every jax_ddl call of this process while the block runs (at most `limit`
-    events, one per call per device; more are counted in `Trace.dropped`). Yields a
-    `Trace`, filled when the block exits. Calls still running at exit are recorded if they
-    complete before the trace is collected; block on results inside the block."""
+    """Records the jax_ddl calls of this process on CPU devices while the block runs (at
+    most `limit` events, one per call per device; more are counted in `Trace.dropped`):
+    every call that reduces over more than one rank and gets past the checks of its
+    arguments. Yields a `Trace`, filled when the block exits. Calls still running then are
+    not recorded: block on the results inside the block."""
     if _active:
         raise RuntimeError(
             "jax_ddl.trace: a trace is already being recorded in this process; one at a time"
