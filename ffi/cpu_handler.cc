@@ -855,18 +855,15 @@ ffi::Error RunSpanning(const Call& c) {
 // Adds this call to the timeline when tracing is on (TraceEnable).
 void Trace(const Call& c, bool ok, bool deferred) {
   if (!Tracing()) return;
-  auto ns = [](Clock::time_point t) {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
-  };
   TraceEvent e;
   e.site = c.site->context();
   e.rank = c.rank;
   e.device = c.device;
   e.bytes = c.desc.count * static_cast<int64_t>(ffi::ByteWidth(static_cast<ffi::DataType>(
                                c.desc.dtype)));
-  e.start_ns = ns(c.start);
-  e.met_ns = c.ds->met == Clock::time_point{} ? 0 : ns(c.ds->met);
-  e.end_ns = ns(Clock::now());
+  e.start_ns = TraceNanos(c.start);
+  e.met_ns = c.ds->met == Clock::time_point{} ? 0 : TraceNanos(c.ds->met);
+  e.end_ns = TraceNow();
   e.ok = ok;
   e.deferred = deferred;
   TraceRecord(std::move(e));
@@ -1162,13 +1159,8 @@ ffi::Future AllreduceCpu(ffi::RunId run_id, int32_t device, Site* site, ffi::Any
   return Dispatch(c);
 }
 
-// jax_ddl_gate: its results are its operands (aliased; copied where XLA did not alias
-// them). A custom call that XLA can neither remove nor see through, so that whatever
-// consumes its results runs after every operand exists: sync_gradients passes every
-// bucket's sum through one, so that no bucket's result is consumed, and its memory freed
-// and reused by the backward pass, while other buckets' calls may still be pending
-// (XLA's executor would order that reuse after the pending call).
-// Operands past the results are only waited for.
+// jax_ddl_gate: its results are its first operands (aliased; copied where XLA did not
+// alias them), the operands past them only waited for. Why: src/jax_ddl/_src/gate.py.
 ffi::Error GateCpu(ffi::RemainingArgs args, ffi::RemainingRets rets) {
   if (args.size() < rets.size()) {
     return Fail(ffi::ErrorCode::kInvalidArgument,

@@ -363,11 +363,11 @@ int64_t TraceDropped() {
   return t.dropped;
 }
 
-int64_t TraceNow() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+int64_t TraceNanos(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
 }
+
+int64_t TraceNow() { return TraceNanos(Clock::now()); }
 
 namespace {
 struct FaultState {

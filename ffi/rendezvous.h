@@ -195,6 +195,8 @@ void TraceRecord(TraceEvent event);
 std::vector<TraceEvent> TraceTake();  // the events so far; clears them
 int64_t TraceDropped();
 int64_t TraceNow();
+// A steady-clock time point in the nanoseconds TraceNow counts.
+int64_t TraceNanos(Clock::time_point t);
 
 // Test-only faults, so the tests drive the paths real faults take. `rank` -1: every rank
 // of this process. Each fault fires `count` times (-1: until cleared).

@@ -18,14 +18,13 @@ order whichever call carries it, and divided as pmean divides.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
 from jax_ddl._src import compat
-from jax_ddl._src.collectives import psum
+from jax_ddl._src.collectives import mean_divisor, psum
 from jax_ddl._src.gate import gate
 
 # Measured (docs/training.md: ResNet-50 over 2 emulated hosts at 1 Gbit/s): 4 MiB buckets
@@ -149,7 +148,7 @@ def _gathered_bwd(axis_name, mean, _, cotangents):
     divided by the axis size for the mean, exactly as pmean divides psum's result."""
     out = gate(tuple(cotangents))
     if mean:
-        n = math.prod(jax.lax.axis_size(a) for a in _axes(axis_name))
+        n = mean_divisor(_axes(axis_name))
         out = tuple(o / n for o in out)
     return (tuple(out),)
 

@@ -509,6 +509,13 @@ def psum(x, axis_name, *, topology=None, axis_index_groups=None, after=None):
     )
 
 
+def mean_divisor(axes: tuple, axis_index_groups=None) -> int:
+    """What pmean divides the sum by: the ranks reduced over (a group's size with groups)."""
+    if axis_index_groups is not None:
+        return len(axis_index_groups[0])
+    return math.prod(lax.axis_size(a) for a in axes)
+
+
 def _after(x, after):
     """`x`, passed through one gate with `after`'s leaves: consumers of the result (the
     call) run only once every leaf of `after` exists."""
@@ -546,10 +553,7 @@ def pmean(x, axis_name, *, topology=None, axis_index_groups=None, after=None):
         axis_index_groups=axis_index_groups,
         api="jax_ddl.pmean",
     )
-    if axis_index_groups is not None:
-        n = len(axis_index_groups[0])
-    else:
-        n = math.prod(lax.axis_size(a) for a in axes)
+    n = mean_divisor(axes, axis_index_groups)
     return jax.tree_util.tree_map(lambda v: v / n, summed)
 
 
