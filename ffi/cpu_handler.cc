@@ -437,6 +437,7 @@ struct Chunk {
   char* sframes;        // frames it sends
   int64_t stride = 0;   // bytes per frame in either
   size_t next = 0;      // the exchange in flight (or next)
+  bool ready = false;   // its local stages are done: its slice may be sent
   bool posted = false;  // its first exchange is posted
   bool done = false;    // its results are in every local output
 };
@@ -575,6 +576,16 @@ ffi::Error RunAcross(const Call& call) {
                               own.size());
     }
   };
+  // Whether chunk `index` (its local stages done) may post its first exchange: once the
+  // chunk before it completed its own. Posted together, the first exchanges of chunks
+  // that became ready together (all of them with one device per process, whose local
+  // stages are a copy) progress together, so chunk 0 would be done no sooner than the
+  // last and the next, slower exchange would wait for all of them: measured on 2 emulated
+  // hosts x 4 single-device processes, the link between the hosts started 10 to 30 ms into
+  // a 170 ms call. One at a time, chunk 0 reaches it after 1/chunks of that work.
+  auto may_start = [&](int64_t index) {
+    return index == 0 || (chunks[index - 1].posted && chunks[index - 1].next > 0);
+  };
   // Moves every posted chunk as far as its messages allow: -1 on a failure, else whether
   // anything moved. A chunk posts an exchange only after the chunk before it did: the
   // messages of one exchange and one pair of processes share a tag, so every process must
@@ -586,7 +597,13 @@ ffi::Error RunAcross(const Call& call) {
     bool moved = rc > 0;
     for (int64_t i = 0; i < c.chunks; ++i) {
       Chunk& k = chunks[i];
-      if (!k.posted || k.done) continue;
+      if (!k.ready || k.done) continue;
+      if (!k.posted) {
+        if (!may_start(i)) continue;
+        post(i);
+        k.posted = true;
+        moved = true;
+      }
       while (k.next < steps.size() && !mpi.Pending(i) &&
              (i == 0 || chunks[i - 1].next > k.next)) {
         complete(k);
@@ -631,8 +648,13 @@ ffi::Error RunAcross(const Call& call) {
         return fail(false);
       }
     }
-    k.posted = true;
-    if (!steps.empty()) post(i);
+    k.ready = true;
+    if (steps.empty()) {
+      k.posted = true;
+    } else if (may_start(i)) {
+      post(i);
+      k.posted = true;
+    }
     if (advance() < 0) return fail(true);
   }
   const auto t2 = Clock::now();
