@@ -20,6 +20,7 @@
 #include "executor.h"
 #include "kernels.h"
 #include "mpi_transport.h"
+#include "prefault.h"
 #include "rendezvous.h"
 #include "site.h"
 #include "topology.h"
@@ -658,6 +659,21 @@ ffi::Error RunAcross(const Call& call) {
     if (advance() < 0) return fail(true);
   }
   const auto t2 = Clock::now();
+  // While it waits for messages, this thread makes the outputs it will write present
+  // (the final slices of every local output, chunk by chunk; out of place only, in place
+  // they are the inputs): measured on 2 emulated hosts x 4 single-device processes at
+  // 1 Gbit/s, 64 MiB out of place took 626-642 ms without, 602 ms with.
+  Prefault prefault;
+  for (const Chunk& k : chunks) {
+    if (k.done) continue;
+    for (int64_t q = 0; q < ranks; ++q) {
+      ForEachPiece(offsets, k.mine, [&](int64_t seg, int64_t begin, int64_t len) {
+        char* out = v.output(q).At(offsets.data(), seg, begin);
+        if (out != v.input(q).At(offsets.data(), seg, begin)) prefault.Add(out, len * sizeof(T));
+      });
+    }
+  }
+  bool prefaulting = true;
   auto pause = std::chrono::microseconds(5);
   for (;;) {
     bool all = true;
@@ -665,6 +681,10 @@ ffi::Error RunAcross(const Call& call) {
     if (all) break;
     const int moved = advance();
     if (moved < 0) return fail(true);
+    if (moved == 0 && prefaulting) {
+      prefaulting = prefault.Some(256 << 10);  // about 0.1 ms of page faults
+      continue;
+    }
     // Backs off to 1 ms between polls while nothing arrives: the sockets' buffers keep a
     // link busy for longer than that, and the cores are left to the work this call
     // overlaps (measured on 2 emulated hosts: the same allreduce times as with 200 us).
