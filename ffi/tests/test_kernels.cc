@@ -11,18 +11,11 @@
 #include <xmmintrin.h>
 #endif
 
+#include "check.h"
 #include "kernels.h"
 
 using namespace jax_ddl;
 
-static int failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      if (failures < 20) std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 // Reference float16 -> float32: the definition, case by case.
 static float RefHalfToFloat(uint16_t h) {

@@ -5,19 +5,12 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "topology.h"
 
 using jax_ddl::Plan;
 using jax_ddl::Range;
 
-static int failures = 0;
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
 
 static void TestParse() {
   std::vector<int64_t> dims;

@@ -7,16 +7,9 @@
 #include <cstring>
 #include <vector>
 
+#include "check.h"
 #include "prefault.h"
 
-static int failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 static const long kPage = sysconf(_SC_PAGESIZE);
 
