@@ -587,8 +587,8 @@ ffi::Error RunAcross(const Call& call) {
   auto may_start = [&](int64_t index) {
     return index == 0 || (chunks[index - 1].posted && chunks[index - 1].next > 0);
   };
-  // Moves every posted chunk as far as its messages allow: -1 on a failure, else whether
-  // anything moved. A chunk posts an exchange only after the chunk before it did: the
+  // Posts the first exchange of ready chunks that may start, and moves every posted chunk
+  // as far as its messages allow: -1 on a failure, else whether anything moved. A chunk posts an exchange only after the chunk before it did: the
   // messages of one exchange and one pair of processes share a tag, so every process must
   // post them in the same order (MPI matches them in order), whichever chunk's messages
   // happened to arrive first.

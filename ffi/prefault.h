@@ -5,8 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -22,8 +20,8 @@ namespace jax_ddl {
 // maps blocks of 32 MiB and more anew at every allocation), and every page then faults at
 // its first write, 1-2 us per 4 KiB page. MADV_POPULATE_WRITE maps pages writable without
 // changing what they hold, so it is safe on memory that other threads read or write
-// meanwhile, and on outputs that alias inputs. A range that is not mapped is skipped; a
-// kernel without MADV_POPULATE_WRITE (before 5.14) turns it off for the process.
+// meanwhile, and on outputs that alias inputs. A range the kernel refuses is skipped;
+// without MADV_POPULATE_WRITE (kernels before 5.14) nothing is done.
 class Prefault {
  public:
   void Add(const void* p, int64_t bytes) {
@@ -32,35 +30,38 @@ class Prefault {
     const uintptr_t at = reinterpret_cast<uintptr_t>(p);
     spans_.push_back({at / page * page, (at + bytes + page - 1) / page * page});
   }
-  // Populates up to `bytes` more (whole pages); false once everything is (or nothing can be).
+  // Populates up to `bytes` more (rounded up to whole pages); false once everything is.
+  // A range the kernel refuses (not mapped, not writable) is skipped.
   bool Some(int64_t bytes) {
+    const uintptr_t page = PageSize();
     while (next_ < spans_.size() && bytes > 0) {
       auto& [begin, end] = spans_[next_];
-      const uintptr_t len = std::min<uintptr_t>(
-          end - begin, std::max<uintptr_t>(PageSize(), static_cast<uintptr_t>(bytes)));
-      if (madvise(reinterpret_cast<void*>(begin), len, MADV_POPULATE_WRITE) != 0 &&
-          errno == EINVAL) {
-        Unsupported().store(true, std::memory_order_relaxed);
-        spans_.clear();
-        next_ = 0;
-        return false;
-      }
+      const uintptr_t want = (static_cast<uintptr_t>(bytes) + page - 1) / page * page;
+      const uintptr_t len = std::min<uintptr_t>(end - begin, want);
+      (void)madvise(reinterpret_cast<void*>(begin), len, MADV_POPULATE_WRITE);
       begin += len;
       bytes -= static_cast<int64_t>(len);
       if (begin == end) ++next_;
     }
     return next_ < spans_.size();
   }
-  static bool Supported() { return !Unsupported().load(std::memory_order_relaxed); }
+  // Whether the kernel has MADV_POPULATE_WRITE (Linux 5.14), tried once on a page of its own.
+  static bool Supported() {
+    static const bool supported = [] {
+      void* p = mmap(nullptr, PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+      if (p == MAP_FAILED) return false;
+      const bool ok = madvise(p, PageSize(), MADV_POPULATE_WRITE) == 0;
+      munmap(p, PageSize());
+      return ok;
+    }();
+    return supported;
+  }
 
  private:
   static uintptr_t PageSize() {
     static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
     return page;
-  }
-  static std::atomic<bool>& Unsupported() {
-    static std::atomic<bool> flag{false};
-    return flag;
   }
   std::vector<std::pair<uintptr_t, uintptr_t>> spans_;
   size_t next_ = 0;
