@@ -585,13 +585,14 @@ ffi::Error RunAcross(const Call& call) {
   // hosts x 4 single-device processes, the link between the hosts started 10 to 30 ms into
   // a 170 ms call. One at a time, chunk 0 reaches it after 1/chunks of that work.
   auto may_start = [&](int64_t index) {
-    return index == 0 || (chunks[index - 1].posted && chunks[index - 1].next > 0);
+    return index == 0 || steps.empty() ||
+           (chunks[index - 1].posted && chunks[index - 1].next > 0);
   };
-  // Posts the first exchange of ready chunks that may start, and moves every posted chunk
-  // as far as its messages allow: -1 on a failure, else whether anything moved. A chunk posts an exchange only after the chunk before it did: the
-  // messages of one exchange and one pair of processes share a tag, so every process must
-  // post them in the same order (MPI matches them in order), whichever chunk's messages
-  // happened to arrive first.
+  // Posts the first exchange of the ready chunks that may start, and moves every posted
+  // chunk as far as its messages allow: -1 on a failure, else whether anything moved. A
+  // chunk posts an exchange only after the chunk before it did: the messages of one
+  // exchange and one pair of processes share a tag, so every process must post them in the
+  // same order (MPI matches them in order), whichever chunk's messages arrived first.
   auto advance = [&]() -> int {
     const int rc = mpi.Progress("cross-process exchange", &error);
     if (rc < 0) return -1;
@@ -601,7 +602,7 @@ ffi::Error RunAcross(const Call& call) {
       if (!k.ready || k.done) continue;
       if (!k.posted) {
         if (!may_start(i)) continue;
-        post(i);
+        if (!steps.empty()) post(i);
         k.posted = true;
         moved = true;
       }
@@ -650,13 +651,7 @@ ffi::Error RunAcross(const Call& call) {
       }
     }
     k.ready = true;
-    if (steps.empty()) {
-      k.posted = true;
-    } else if (may_start(i)) {
-      post(i);
-      k.posted = true;
-    }
-    if (advance() < 0) return fail(true);
+    if (advance() < 0) return fail(true);  // posts it, if the chunk before it is far enough
   }
   const auto t2 = Clock::now();
   // While it waits for messages, this thread makes the outputs it will write present
