@@ -99,6 +99,14 @@ Clock::time_point QuiesceUntil(const Call& c) {
   return Deadline(Clock::now(), ms);
 }
 
+// How long a barrier of a call across processes keeps waiting for local ranks that wait
+// on other processes (Rendezvous::Barrier): until the latest deadline any of them can have
+// (each arrived before this rank's deadline passed), and a second for it to report.
+Clock::time_point AwayUntil(const Call& c) {
+  const int64_t ms = c.site->timeout_ms();
+  return ms < 0 ? c.deadline : c.deadline + std::chrono::milliseconds(ms + 1000);
+}
+
 template <typename A, typename S, typename D>
 void ReduceDispatch(Op op, const char* const* srcs, int64_t n_src, char* const* dsts,
                     int64_t n_dst, int64_t n) {
@@ -631,7 +639,9 @@ ffi::Error RunAcross(const Call& call) {
   // emulated hosts x 1 process of 4 devices at 1 Gbit/s, 16 MiB, a slot met its peer up to
   // 26 ms after the others and the call ended 3-10 ms after the link fell idle.
   int phase = 1;
-  if (!r->Barrier(slot, phase++, "handshake", c.deadline, &error)) return fail(false);
+  if (!r->Barrier(slot, phase++, "handshake", c.deadline, &error, AwayUntil(c))) {
+    return fail(false);
+  }
   for (int64_t i = 0; i < c.chunks; ++i) {
     Chunk& k = chunks[i];
     for (int s = 0; s < stages; ++s) {
@@ -654,7 +664,8 @@ ffi::Error RunAcross(const Call& call) {
       });
       // After the last stage no local peer reads what this rank writes next (its slice, then
       // its final part of every output), so only the earlier stages need a barrier.
-      if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error)) {
+      if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error,
+                               AwayUntil(c))) {
         return fail(false);
       }
     }
@@ -701,7 +712,7 @@ ffi::Error RunAcross(const Call& call) {
   r->Pause(slot);
   if (!mpi.Done(peers, &error)) return fail(true);
   if (!r->Resume(slot, &error)) return fail(false);
-  if (!r->Barrier(slot, phase, "exit", c.deadline, &error)) return fail(false);
+  if (!r->Barrier(slot, phase, "exit", c.deadline, &error, AwayUntil(c))) return fail(false);
   Registry::Get().Leave(r, slot, c.deadline);
   Counters& cnt = GetCounters();
   cnt.chunks.fetch_add(c.chunks, std::memory_order_relaxed);
@@ -833,7 +844,8 @@ ffi::Error RunSpanning(const Call& c) {
     });
     // After the last stage no local peer reads what this rank writes next (the remote
     // slices of its output), so only the earlier stages need a barrier.
-    if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error)) {
+    if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error,
+                               AwayUntil(c))) {
       return fail(false);
     }
   }
@@ -885,7 +897,8 @@ ffi::Error RunSpanning(const Call& c) {
       if (!mpi.Done(remote_peers, &error)) return fail(true);
       if (!r->Resume(slot, &error)) return fail(false);
     }
-    if (!r->Barrier(slot, phase++, s == 0 ? "exit" : "all-gather", c.deadline, &error)) {
+    if (!r->Barrier(slot, phase++, s == 0 ? "exit" : "all-gather", c.deadline, &error,
+                    AwayUntil(c))) {
       return fail(false);
     }
   }

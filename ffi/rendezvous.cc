@@ -44,6 +44,7 @@ void Rendezvous::Reset(const RendezvousKey& key, int64_t size, const std::string
   reached_.assign(size, -1);
   phase_count_.assign(kMaxPhases, 0);
   working_.assign(size, 0);
+  away_.assign(size, 0);
   num_working_ = 0;
   failed_ = false;
   failure_ = Failure{};
@@ -62,16 +63,23 @@ void Rendezvous::SetWorking(int64_t rank, bool working) {
 
 int Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase,
                           const char* stage, Clock::time_point deadline, Failure* failure,
-                          Clock::time_point soft_until) {
+                          Clock::time_point soft_until, Clock::time_point away_until) {
   while (phase_count_[phase] < size_ && !failed_) {
     const auto until = std::min(deadline, soft_until);
     if (cv_.wait_until(lock, until) == std::cv_status::timeout && phase_count_[phase] < size_ &&
         !failed_) {
       if (until < deadline) return 0;
       std::vector<int64_t> never, behind;
+      bool all_away = true;
       for (int64_t r = 0; r < size_; ++r) {
         if (reached_[r] < 0) never.push_back(r);
         else if (reached_[r] < phase) behind.push_back(r);
+        if (reached_[r] < phase) all_away = all_away && away_[r];
+      }
+      // They wait on other processes and will say which did not answer.
+      if (all_away && deadline < away_until) {
+        deadline = away_until;
+        continue;
       }
       failed_ = true;
       failure_.deadline = true;
@@ -80,7 +88,8 @@ int Rendezvous::WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int 
             " waiting). ";
       if (!never.empty()) msg += "Missing ranks " + RankList(never) + " never arrived. ";
       if (!behind.empty()) {
-        msg += "Ranks " + RankList(behind) + " arrived but did not reach stage '" + stage + "'. ";
+        msg += "Ranks " + RankList(behind) + " arrived but did not reach stage '" + stage + "'";
+        msg += all_away ? " (they wait on other processes). " : ". ";
       }
       msg += "Raise JAX_DDL_TIMEOUT if they are only slow.";
       cv_.notify_all();
@@ -149,7 +158,7 @@ int Rendezvous::AwaitAll(int64_t rank, Clock::time_point soft_until, Clock::time
 }
 
 bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
-                         Failure* failure) {
+                         Failure* failure, Clock::time_point away_until) {
   std::unique_lock<std::mutex> lock(mu_);
   SetWorking(rank, false);
   if (phase >= kMaxPhases) {
@@ -165,16 +174,19 @@ bool Rendezvous::Barrier(int64_t rank, int phase, const char* stage, Clock::time
   }
   reached_[rank] = phase;
   if (++phase_count_[phase] == size_) cv_.notify_all();
-  return WaitPhase(lock, rank, phase, stage, deadline, failure) == 1;
+  return WaitPhase(lock, rank, phase, stage, deadline, failure, Clock::time_point::max(),
+                   away_until) == 1;
 }
 
 void Rendezvous::Pause(int64_t rank) {
   std::lock_guard<std::mutex> lock(mu_);
   SetWorking(rank, false);
+  away_[rank] = 1;
 }
 
 bool Rendezvous::Resume(int64_t rank, Failure* failure) {
   std::lock_guard<std::mutex> lock(mu_);
+  away_[rank] = 0;
   if (failed_) {
     *failure = failure_;
     return false;

@@ -81,8 +81,12 @@ class Rendezvous {
                Failure* failure);
   // Barrier `phase` (>= 1) among all ranks, bounded by `deadline`; `stage` names it in
   // errors. The rank stops working when it arrives and works again once all are through.
+  // While every rank behind is paused (waiting on other processes, a wait bounded by its
+  // own deadline, whose failure names the processes that did not answer), the barrier
+  // keeps waiting for their verdict until `away_until`, so that the error every rank
+  // reports names the missing process rather than a local rank that waits for it.
   bool Barrier(int64_t rank, int phase, const char* stage, Clock::time_point deadline,
-               Failure* failure);
+               Failure* failure, Clock::time_point away_until = Clock::time_point::min());
   // The rank stops touching its peers' buffers for a while (it waits on other processes).
   void Pause(int64_t rank);
   // ...and starts again; false (with the failure) when the rendezvous failed meanwhile.
@@ -100,7 +104,8 @@ class Rendezvous {
   // `soft_until` came first.
   int WaitPhase(std::unique_lock<std::mutex>& lock, int64_t rank, int phase, const char* stage,
                 Clock::time_point deadline, Failure* failure,
-                Clock::time_point soft_until = Clock::time_point::max());
+                Clock::time_point soft_until = Clock::time_point::max(),
+                Clock::time_point away_until = Clock::time_point::min());
   void SetWorking(int64_t rank, bool working);
   // After a failure: waits (bounded) until no rank works on peers' buffers any more;
   // false if some still do at `until`.
@@ -116,6 +121,7 @@ class Rendezvous {
   std::vector<int> reached_;      // highest phase each rank reached, -1 before arrival
   std::vector<int> phase_count_;  // ranks that reached each phase
   std::vector<char> working_;     // ranks that may be touching peers' buffers now
+  std::vector<char> away_;        // ranks paused: waiting on other processes
   int64_t num_working_ = 0;
   bool failed_ = false;
   Failure failure_;

@@ -378,6 +378,24 @@ def test_a_process_late_past_the_deadline_never_gets_wrong_sums():
         assert calls[(rank, "call4")][0] == "ok", calls
 
 
+def test_a_device_late_past_the_deadline_is_named_by_the_other_process():
+    """One device of process 1 (rank 3) stalls 5 s (deadline 3 s) before its handshake,
+    the other is on time and passes its own. Process 0's device whose peer was on time
+    waits for its local peer that waits on process 1: the error both report names process
+    1 and its ranks, not the local peer. No call gives wrong sums; the processes fall back
+    in step within four calls."""
+    calls = _recovery("slot", env={"LATE_S": "5"})
+    assert len(calls) == 8
+    assert "wrong" not in {v[0] for v in calls.values()}, calls
+    verdict, seconds, message = calls[(0, "call1")]
+    assert verdict == "error", calls
+    assert "processes [1] (ranks 2-3) never arrived at the cross-process handshake" in message
+    assert "did not reach stage" not in message, message
+    assert 3 - 0.5 <= seconds <= 3 + 5
+    for rank in (0, 1):
+        assert calls[(rank, "call4")][0] == "ok", calls
+
+
 def test_processes_with_different_topologies_fail_at_once_naming_both():
     calls = _recovery("topology")
     for rank, (mine, theirs) in ((0, ("2x2", "4")), (1, ("4", "2x2"))):

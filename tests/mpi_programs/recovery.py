@@ -7,6 +7,9 @@ recovery after failures, per argv[1] (argv[2]: local devices per process):
             many times, flat and hierarchical.
   late      process 1 sleeps past the deadline before the first of four calls of one
             jitted psum (inputs scaled by 1, 2, 3, 4).
+  slot      one device of process 1 (rank 3) stalls past the deadline before its
+            handshake, its other device on time, at the first of four calls (inputs
+            scaled by 1, 2, 3, 4).
   topology  the processes give different topologies for one call, then agree.
   chunking  the processes cut one call into different pipeline chunks
             (JAX_DDL_CHUNK_BYTES), then agree.
@@ -117,7 +120,7 @@ if mode == "identity":
         for it in range(5):
             report(f"{topo or 'default'}-{it}", lambda f=f: f(x), want)
 
-elif mode == "late":
+elif mode in ("late", "slot"):
     f = jax.jit(
         jax.shard_map(
             lambda v, k: jax_ddl.psum(v * k, "i"),
@@ -127,8 +130,10 @@ elif mode == "late":
         )
     )
     compiled = f.lower(x, 1.0).compile()
-    if rank == 1:
+    if rank == 1 and mode == "late":
         time.sleep(float(os.environ["LATE_S"]))
+    if rank == 1 and mode == "slot":
+        _ddl.set_fault("stall", n - 1, int(1000 * float(os.environ["LATE_S"])), 1)
     for k in (1, 2, 3, 4):
         report(f"call{k}", lambda k=k: compiled(x, float(k)), k * total)
 
