@@ -99,12 +99,20 @@ Clock::time_point QuiesceUntil(const Call& c) {
   return Deadline(Clock::now(), ms);
 }
 
+// A call across processes: once its local ranks met, all of them keep the latest of their
+// deadlines (each counts from the rank's own arrival), for every later wait, local or on
+// other processes. A rank then never passes a barrier after its deadline thanks to a
+// peer that waited on other processes until a later one, only to fail its next wait at once.
+Clock::time_point LatestDeadline(Rendezvous* r, int64_t ranks, Clock::time_point mine) {
+  for (int64_t q = 0; q < ranks; ++q) mine = std::max(mine, r->member(q).deadline);
+  return mine;
+}
+
 // How long a barrier of a call across processes keeps waiting for local ranks that wait
-// on other processes (Rendezvous::Barrier): until the latest deadline any of them can have
-// (each arrived before this rank's deadline passed), and a second for it to report.
+// on other processes (Rendezvous::Barrier): their waits end at the same deadline, and
+// then they report which process did not answer; half a second for that verdict.
 Clock::time_point AwayUntil(const Call& c) {
-  const int64_t ms = c.site->timeout_ms();
-  return ms < 0 ? c.deadline : c.deadline + std::chrono::milliseconds(ms + 1000);
+  return c.site->timeout_ms() < 0 ? c.deadline : c.deadline + std::chrono::milliseconds(500);
 }
 
 template <typename A, typename S, typename D>
@@ -482,7 +490,8 @@ ffi::Error RunAcross(const Call& call) {
   MpiCall mpi(slot, LabelOf(*c.site), c.deadline);
   Failure error;
   if (!mpi.ok(&error)) return FailWith(error);
-  const Member m = PrepareLarge<T>(c, true);
+  Member m = PrepareLarge<T>(c, true);
+  m.deadline = c.deadline;
 
   // The process plan's exchanges, and this slot's scratch, sized before anything is
   // posted: it must not move while MPI may use it.
@@ -536,6 +545,8 @@ ffi::Error RunAcross(const Call& call) {
   if (r->AwaitAll(slot, c.deadline, c.deadline, &error) != 1) {
     return LeaveFailed(c, r, slot, &error, false);
   }
+  c.deadline = LatestDeadline(r, ranks, c.deadline);
+  mpi.SetDeadline(c.deadline);
   auto fail = [&](bool own) { return FailAcross(c, r, slot, &mpi, &error, own); };
   if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
   const auto t1 = Clock::now();
@@ -637,7 +648,7 @@ ffi::Error RunAcross(const Call& call) {
   // its handshake had its header wait behind the data the others had already sent, began
   // its exchanges late and carried them alone at the end of the call: measured on 2
   // emulated hosts x 1 process of 4 devices at 1 Gbit/s, 16 MiB, a slot met its peer up to
-  // 26 ms after the others and the call ended 3-10 ms after the link fell idle.
+  // 26 ms after the others and the call ended up to 7 ms after the link fell idle.
   int phase = 1;
   if (!r->Barrier(slot, phase++, "handshake", c.deadline, &error, AwayUntil(c))) {
     return fail(false);
@@ -732,7 +743,8 @@ ffi::Error RunAcross(const Call& call) {
 // into the outputs of its local group peers; the all-gather then runs the stages in
 // reverse, remote slices over MPI, local ones copied from the peers' outputs.
 template <typename T>
-ffi::Error RunSpanning(const Call& c) {
+ffi::Error RunSpanning(const Call& call) {
+  Call c = call;
   using A = typename AccumOf<T>::type;
   constexpr bool kSameAcc = std::is_same_v<A, T>;
   DeviceSite& ds = *c.ds;
@@ -748,6 +760,7 @@ ffi::Error RunSpanning(const Call& c) {
   ds.mpi.resize(3);
   Member m{c.device, c.desc, ds.inputs.data(), ds.outputs.data(),
            scratch ? ds.inter.data() : nullptr, nullptr};
+  m.deadline = c.deadline;
 
   Failure error;
   MpiCall mpi(slot, LabelOf(*c.site), c.deadline);
@@ -757,6 +770,8 @@ ffi::Error RunSpanning(const Call& c) {
   if (r == nullptr) return FailWith(error);
   auto fail = [&](bool own) { return FailAcross(c, r, slot, &mpi, &error, own); };
   if (!r->Arrive(slot, m, c.deadline, &error)) return fail(false);
+  c.deadline = LatestDeadline(r, slots, c.deadline);
+  mpi.SetDeadline(c.deadline);
   if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
   const auto t1 = Clock::now();
   c.ds->met = t1;

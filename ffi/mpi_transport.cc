@@ -425,6 +425,7 @@ MpiCall::~MpiCall() {
 }
 
 void MpiCall::Watch(std::function<bool(Failure*)> failed) { impl_->watch = std::move(failed); }
+void MpiCall::SetDeadline(Clock::time_point deadline) { impl_->deadline = deadline; }
 
 bool MpiCall::ok(Failure* failure) const {
   if (impl_->error.empty()) return true;
@@ -975,6 +976,7 @@ void MpiCall::Abandon(std::vector<std::vector<char>>* buffers) {
 
 struct MpiCall::Impl {};
 void MpiCall::Watch(std::function<bool(Failure*)>) {}
+void MpiCall::SetDeadline(Clock::time_point) {}
 MpiCall::MpiCall(int64_t slot, const CallLabel&, Clock::time_point)
     : impl_(new Impl()), slot_(slot) {}
 MpiCall::~MpiCall() { delete impl_; }

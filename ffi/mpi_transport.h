@@ -111,6 +111,8 @@ class MpiCall {
   // Every wait also polls `failed` and gives up when it returns true (with *failure
   // filled in): a failure among this process's other devices ends the wait at once.
   void Watch(std::function<bool(Failure*)> failed);
+  // Moves the deadline of every wait from now on.
+  void SetDeadline(Clock::time_point deadline);
   int64_t seq() const { return seq_; }
 
   // Exchanges `mine` with the same slot of every other process and compares. Fails at

@@ -50,6 +50,7 @@ struct Member {
   char* inter = nullptr;           // contiguous accumulator scratch, or nullptr
   char* staging = nullptr;         // contiguous copy of the inputs (small path; CUDA)
   uint64_t* flags = nullptr;       // CUDA: the rank's device-side barrier flags
+  Clock::time_point deadline{};    // across processes: the rank's own deadline
 };
 
 struct RendezvousKey {
