@@ -99,15 +99,6 @@ Clock::time_point QuiesceUntil(const Call& c) {
   return Deadline(Clock::now(), ms);
 }
 
-// A call across processes: once its local ranks met, all of them keep the latest of their
-// deadlines (each counts from the rank's own arrival), for every later wait, local or on
-// other processes. A rank then never passes a barrier after its deadline thanks to a
-// peer that waited on other processes until a later one, only to fail its next wait at once.
-Clock::time_point LatestDeadline(Rendezvous* r, int64_t ranks, Clock::time_point mine) {
-  for (int64_t q = 0; q < ranks; ++q) mine = std::max(mine, r->member(q).deadline);
-  return mine;
-}
-
 // How long a barrier of a call across processes keeps waiting for local ranks that wait
 // on other processes (Rendezvous::Barrier): their waits end at the same deadline, and
 // then they report which process did not answer; half a second for that verdict.
@@ -416,14 +407,21 @@ ffi::Error FailAcross(const Call& c, Rendezvous* r, int64_t slot, MpiCall* mpi, 
   return LeaveFailed(c, r, slot, error, own);
 }
 
-// Once the local ranks met: MPI waits watch the rendezvous, then the handshake with the same
-// slot of every process, the rank paused (it touches only its own buffers meanwhile).
+// Once the `ranks` local ranks met: all of them keep the latest of their deadlines (each
+// counts from the rank's own arrival; Member::deadline) for every later wait, local or on
+// other processes, so a rank never passes a barrier after its deadline thanks to a peer
+// that waited on other processes until a later one, only to fail its next wait at once.
+// MPI waits watch the rendezvous; then the handshake with the same slot of every process,
+// the rank paused (it touches only its own buffers meanwhile).
 // 0: agreed; 1: the handshake failed; -1: the rendezvous failed meanwhile.
-int MeetProcesses(const Call& c, Rendezvous* r, int64_t slot, MpiCall* mpi, Failure* error) {
+int MeetProcesses(Call* c, Rendezvous* r, int64_t ranks, int64_t slot, MpiCall* mpi,
+                  Failure* error) {
+  for (int64_t q = 0; q < ranks; ++q) c->deadline = std::max(c->deadline, r->member(q).deadline);
+  mpi->SetDeadline(c->deadline);
   mpi->Watch([r](Failure* f) { return r->Failed(f); });
-  StallIfAsked(c);
+  StallIfAsked(*c);
   r->Pause(slot);
-  if (!mpi->Handshake(HeaderOf(c), &DescribeHeader, error)) return 1;
+  if (!mpi->Handshake(HeaderOf(*c), &DescribeHeader, error)) return 1;
   return r->Resume(slot, error) ? 0 : -1;
 }
 
@@ -545,10 +543,10 @@ ffi::Error RunAcross(const Call& call) {
   if (r->AwaitAll(slot, c.deadline, c.deadline, &error) != 1) {
     return LeaveFailed(c, r, slot, &error, false);
   }
-  c.deadline = LatestDeadline(r, ranks, c.deadline);
-  mpi.SetDeadline(c.deadline);
   auto fail = [&](bool own) { return FailAcross(c, r, slot, &mpi, &error, own); };
-  if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
+  if (const int met = MeetProcesses(&c, r, ranks, slot, &mpi, &error); met != 0) {
+    return fail(met > 0);
+  }
   const auto t1 = Clock::now();
   c.ds->met = t1;
   const LocalViews<T> v{r, m.inter != nullptr};
@@ -675,8 +673,7 @@ ffi::Error RunAcross(const Call& call) {
       });
       // After the last stage no local peer reads what this rank writes next (its slice, then
       // its final part of every output), so only the earlier stages need a barrier.
-      if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error,
-                               AwayUntil(c))) {
+      if (!last && !r->Barrier(slot, phase++, "reduce-scatter", c.deadline, &error)) {
         return fail(false);
       }
     }
@@ -770,9 +767,9 @@ ffi::Error RunSpanning(const Call& call) {
   if (r == nullptr) return FailWith(error);
   auto fail = [&](bool own) { return FailAcross(c, r, slot, &mpi, &error, own); };
   if (!r->Arrive(slot, m, c.deadline, &error)) return fail(false);
-  c.deadline = LatestDeadline(r, slots, c.deadline);
-  mpi.SetDeadline(c.deadline);
-  if (const int met = MeetProcesses(c, r, slot, &mpi, &error); met != 0) return fail(met > 0);
+  if (const int met = MeetProcesses(&c, r, slots, slot, &mpi, &error); met != 0) {
+    return fail(met > 0);
+  }
   const auto t1 = Clock::now();
   c.ds->met = t1;
   auto local = [&](int64_t q) { return q >= base && q < base + slots; };

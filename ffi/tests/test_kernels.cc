@@ -16,7 +16,6 @@
 
 using namespace jax_ddl;
 
-
 // Reference float16 -> float32: the definition, case by case.
 static float RefHalfToFloat(uint16_t h) {
   const int sign = h >> 15, exp = (h >> 10) & 31, mant = h & 1023;

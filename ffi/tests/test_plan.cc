@@ -11,7 +11,6 @@
 using jax_ddl::Plan;
 using jax_ddl::Range;
 
-
 static void TestParse() {
   std::vector<int64_t> dims;
   std::string err;
