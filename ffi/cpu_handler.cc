@@ -443,18 +443,21 @@ int64_t NumChunks(const Site& site, int64_t count, int64_t elem) {
 // global), but only as much as the sockets hold: measured on 2 emulated hosts with one
 // device per process, 16 MiB in place, a thread that backed off to 1 ms between polls took
 // 215 ms at 1 Gbit/s (link bound 134) and 194 ms at 10 Gbit/s (MPI_Allreduce 22 ms); polls
-// every 100 us: 140 ms and 47 ms. So the threads that wait (every slot of every call in
-// flight, Drainers) back off to kPollEvery times their number, between kPollEvery and 1 ms:
-// the process as a whole polls about every kPollEvery (each idle poll costs ~5 us of CPU,
-// taken from the work the calls overlap), however many calls and slots wait.
+// every 100 us: 140 ms and 47 ms. So a thread that sleeps between polls (any slot of any
+// call in flight) backs off to kPollEvery times the number of threads sleeping so
+// (Sleeping, itself included), between kPollEvery and 1 ms: the process as a whole polls
+// about every kPollEvery (each idle poll costs ~5 us of CPU, taken from the work the calls
+// overlap), however many calls and slots wait. Threads busy with local work, barriers or
+// the completion round are not counted: they would stretch the pauses of the threads
+// still waiting for data.
 constexpr auto kPollEvery = std::chrono::microseconds(100);
-std::atomic<int> g_drainers{0};
-struct Drainers {
-  Drainers() { g_drainers.fetch_add(1, std::memory_order_relaxed); }
-  ~Drainers() { g_drainers.fetch_sub(1, std::memory_order_relaxed); }
-  Drainers(const Drainers&) = delete;
-  Drainers& operator=(const Drainers&) = delete;
-  int count() const { return g_drainers.load(std::memory_order_relaxed); }
+std::atomic<int> g_sleeping{0};
+struct Sleeping {
+  Sleeping() { g_sleeping.fetch_add(1, std::memory_order_relaxed); }
+  ~Sleeping() { g_sleeping.fetch_sub(1, std::memory_order_relaxed); }
+  Sleeping(const Sleeping&) = delete;
+  Sleeping& operator=(const Sleeping&) = delete;
+  int count() const { return g_sleeping.load(std::memory_order_relaxed); }
 };
 std::chrono::microseconds PollCap(int waiting) {
   return std::clamp(kPollEvery * std::max(1, waiting), kPollEvery,
@@ -705,32 +708,14 @@ ffi::Error RunAcross(const Call& call) {
     k.ready = true;
     return true;
   };
-  // While it waits for messages, this thread makes the outputs it will write present
-  // (the final slices of every local output, chunk by chunk; out of place only, in place
-  // they are the inputs): measured on 2 emulated hosts x 4 single-device processes at
-  // 1 Gbit/s, 64 MiB out of place took 626-642 ms without, 602 ms with. Only once its
-  // local stages are done and the first chunk is past its first exchange: before, the
-  // page faults took the cores from the work that puts the first bytes on the link
-  // (2 emulated hosts x 2 processes x 2 devices, 16 MiB: first bytes 15-35 ms into the
-  // call, against 4-7 ms in place; the call 146.1-146.4 ms instead of 151.7-152.8, at
-  // 64 MiB 572-582 instead of 598-601).
-  Prefault prefault;
-  for (const Chunk& k : chunks) {
-    for (int64_t q = 0; q < ranks; ++q) {
-      ForEachPiece(offsets, k.mine, [&](int64_t seg, int64_t begin, int64_t len) {
-        char* out = v.output(q).At(offsets.data(), seg, begin);
-        if (out != v.input(q).At(offsets.data(), seg, begin)) prefault.Add(out, len * sizeof(T));
-      });
-    }
-  }
   // With one local stage (no barrier between the local devices) a chunk's local stage runs
   // once the chunk before it is posted, and the thread keeps polling MPI between chunks
   // meanwhile, rather than reducing every chunk first: the processes of a host share the
   // cores, and the work of later chunks delayed the exchanges of the first (measured on 2
   // emulated hosts x 4 single-device processes at 1 Gbit/s, in place: 16 MiB 152.6-153.7
   // vs 154.7-157.4 ms, 64 MiB 584-588 vs 596-601). With several local stages every
-  // chunk's run first: a rank waiting at a barrier does not poll, and its peers on other
-  // processes could wait for it in turn.
+  // chunk's local stages run first: a rank waiting at a barrier does not poll, and its
+  // peers on other processes could wait for it in turn.
   const bool lazy = stages <= 1;
   int64_t next_local = 0;
   auto t2 = Clock::now();
@@ -741,14 +726,47 @@ ffi::Error RunAcross(const Call& call) {
     }
     t2 = Clock::now();
   }
+  // While it waits for messages, this thread makes the outputs it will write present
+  // (the final slices of every local output, chunk by chunk; out of place only, in place
+  // they are the inputs): measured on 2 emulated hosts x 4 single-device processes at
+  // 1 Gbit/s, 64 MiB out of place took 626-642 ms without, 602 ms with. Only once its
+  // local stages are done and the first chunk is past its first exchange: before, the
+  // page faults took the cores from the work that puts the first bytes on the link
+  // (2 emulated hosts x 2 processes x 2 devices, 16 MiB: first bytes 15-35 ms into the
+  // call, against 4-7 ms in place; the call 146.1-146.4 ms instead of 151.7-152.8, at
+  // 64 MiB 572-582 instead of 598-601). A call of one chunk starts at once (its first
+  // exchange is most of it). Listed when it starts, without the chunks already done (their
+  // writes took the faults).
+  Prefault prefault;
+  bool prefault_listed = false;
+  auto may_prefault = [&] {
+    if (c.chunks > 1 && (next_local < c.chunks || (chunks[0].next == 0 && !chunks[0].done))) {
+      return false;
+    }
+    if (!prefault_listed) {
+      prefault_listed = true;
+      for (const Chunk& k : chunks) {
+        if (k.done) continue;
+        for (int64_t q = 0; q < ranks; ++q) {
+          ForEachPiece(offsets, k.mine, [&](int64_t seg, int64_t begin, int64_t len) {
+            char* out = v.output(q).At(offsets.data(), seg, begin);
+            if (out != v.input(q).At(offsets.data(), seg, begin)) {
+              prefault.Add(out, len * sizeof(T));
+            }
+          });
+        }
+      }
+    }
+    return true;
+  };
   bool prefaulting = true;
   auto pause = std::chrono::microseconds(5);
-  const Drainers drainers;
   for (;;) {
     if (next_local < c.chunks && (next_local == 0 || chunks[next_local - 1].posted)) {
       if (!local_stages(next_local)) return fail(false);
       if (++next_local == c.chunks) t2 = Clock::now();
       if (advance() < 0) return fail(true);
+      pause = std::chrono::microseconds(5);
       continue;
     }
     bool all = true;
@@ -756,16 +774,16 @@ ffi::Error RunAcross(const Call& call) {
     if (all) break;
     const int moved = advance();
     if (moved < 0) return fail(true);
-    if (moved == 0 && prefaulting && next_local == c.chunks &&
-        (chunks[0].next > 0 || chunks[0].done)) {
+    if (moved == 0 && prefaulting && may_prefault()) {
       prefaulting = prefault.Some(256 << 10);  // about 0.1 ms of page faults
       continue;
     }
     if (moved > 0) {
       pause = std::chrono::microseconds(5);
     } else {
+      const Sleeping sleeping;
       std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, PollCap(drainers.count()));
+      pause = std::min(pause * 2, PollCap(sleeping.count()));
     }
   }
   r->Pause(slot);

@@ -605,7 +605,10 @@ def counters() -> dict:
       axis_index_groups), and seconds summed
       over device threads: `arrive_s` (waiting for all ranks), `reduce_scatter_s` (every
       stage but the last, with its barrier), `broadcast_s` (the last stage: reduce and
-      write into every rank's output, then the exit barrier), `small_s` (the one-shot
+      write into every rank's output, then the exit barrier; for the pipelined calls
+      across processes: `reduce_scatter_s` until the last chunk's local stages are done,
+      which with one local stage includes waiting for earlier chunks' exchanges, and
+      `broadcast_s` the rest), `small_s` (the one-shot
       small-message path's reduction) and `quiesce_s` (failing ranks waiting until no peer
       works on their buffers any more).
     """
