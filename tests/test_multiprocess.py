@@ -48,6 +48,9 @@ def run_mpi(n, *args, timeout=300, env=None, launcher=(), shell=False, cwd=ROOT)
         (4, 2, ["2x4", "2x2x2", "8", "4x2"]),
         # 3 processes: with "3x2" the processes a device exchanges with differ by device.
         (3, 2, ["2x3", "6", "3x2"]),
+        # One device per process: every grid runs the hierarchy across processes, whose
+        # local stage is a copy and whose chunks then start at once.
+        (4, 1, ["2x2", "4"]),
     ],
 )
 def test_collectives_across_and_inside_processes(procs, local, topologies):
