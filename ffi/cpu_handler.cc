@@ -460,8 +460,7 @@ struct Sleeping {
   int count() const { return g_sleeping.load(std::memory_order_relaxed); }
 };
 std::chrono::microseconds PollCap(int waiting) {
-  return std::clamp(kPollEvery * std::max(1, waiting), kPollEvery,
-                    std::chrono::microseconds(std::chrono::milliseconds(1)));
+  return std::clamp(kPollEvery * waiting, kPollEvery, std::chrono::microseconds(1000));
 }
 
 // One exchange of the process plan: the reduce-scatter or the all-gather of a stage.
@@ -719,13 +718,6 @@ ffi::Error RunAcross(const Call& call) {
   const bool lazy = stages <= 1;
   int64_t next_local = 0;
   auto t2 = Clock::now();
-  if (!lazy) {
-    for (; next_local < c.chunks; ++next_local) {
-      if (!local_stages(next_local)) return fail(false);
-      if (advance() < 0) return fail(true);  // posts it, if the chunk before it is far enough
-    }
-    t2 = Clock::now();
-  }
   // While it waits for messages, this thread makes the outputs it will write present
   // (the final slices of every local output, chunk by chunk; out of place only, in place
   // they are the inputs): measured on 2 emulated hosts x 4 single-device processes at
@@ -762,10 +754,11 @@ ffi::Error RunAcross(const Call& call) {
   bool prefaulting = true;
   auto pause = std::chrono::microseconds(5);
   for (;;) {
-    if (next_local < c.chunks && (next_local == 0 || chunks[next_local - 1].posted)) {
+    if (next_local < c.chunks &&
+        (!lazy || next_local == 0 || chunks[next_local - 1].posted)) {
       if (!local_stages(next_local)) return fail(false);
       if (++next_local == c.chunks) t2 = Clock::now();
-      if (advance() < 0) return fail(true);
+      if (advance() < 0) return fail(true);  // posts it, if the chunk before it is far enough
       pause = std::chrono::microseconds(5);
       continue;
     }

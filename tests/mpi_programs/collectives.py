@@ -178,27 +178,27 @@ for a, b in zip(rows(loss(jax_ddl.psum)(w, x)), rows(loss(jax.lax.psum)(w, x))):
 # Inside each process: a (process, local) mesh reduced over "local" (shared memory only).
 grid = Mesh(np.array(jax.devices()).reshape(procs, local), ("proc", "local"))
 y = global_array(glob, grid, P(("proc", "local")))
-inside = jax.jit(
-    jax.shard_map(
-        lambda v: jax_ddl.psum(v, "local"),
-        mesh=grid,
-        in_specs=P(("proc", "local")),
-        out_specs=P("proc"),
+
+
+def grid_psum(axis, out_spec):
+    """jax_ddl.psum over one axis of the (proc, local) mesh."""
+    return jax.jit(
+        jax.shard_map(
+            lambda v: jax_ddl.psum(v, axis),
+            mesh=grid,
+            in_specs=P(("proc", "local")),
+            out_specs=out_spec,
+        )
     )
-)(y)
+
+
+inside = grid_psum("local", P("proc"))(y)
 for got in rows(inside):
     np.testing.assert_array_equal(got, glob[rank * local : (rank + 1) * local].sum(0))
 
 # Over "proc" only: ranks in different processes but not all devices: refused clearly
 # (with one device per process "proc" is every device: the whole sum).
-over_proc = jax.jit(
-    jax.shard_map(
-        lambda v: jax_ddl.psum(v, "proc"),
-        mesh=grid,
-        in_specs=P(("proc", "local")),
-        out_specs=P("local"),
-    )
-)
+over_proc = grid_psum("proc", P("local"))
 if local == 1:
     for got in rows(over_proc(y)):
         np.testing.assert_array_equal(got, want)
