@@ -12,6 +12,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from jax_ddl._src.buckets import DEFAULT_FIRST_BUCKET_BYTES, plan_buckets  # noq
 from resnet import input_pipeline as data  # noqa: E402
 from resnet import models  # noqa: E402
 from resnet import train as training  # noqa: E402
-from resnet.main import main  # noqa: E402
+from resnet.main import main, measure_exposed  # noqa: E402
 
 TINY = ["--model", "resnet18", "--width", "4"]
 
@@ -280,6 +281,39 @@ def test_train_step_reduces_through_one_jax_ddl_call_and_lax_mode_through_none()
     assert "jax_ddl_allreduce" not in lax_text and "all_reduce" in lax_text
 
 
+def test_exposed_communication_alternates_the_step_with_the_unreduced_one_on_copies():
+    """measure_exposed (train.py --measure-exposed) times the real train step (its jax_ddl
+    calls made, once per round) against the same step without reduction (none made), on
+    copies: the state it is given is still readable and unchanged afterwards, though the
+    train step donates its state."""
+    mesh = training.global_mesh()
+    src = data.DigitsSource("train", 8)
+    model = models.create_model("resnet18", num_classes=10, width=4)
+    recipe = training.Recipe(global_batch=64, total_steps=4, label_smoothing=0.1)
+    tx = recipe.optimizer()
+    state = training.replicate(training.create_state(model, tx, (8, 8, 1), 0), mesh)
+    step = training.make_train_step(
+        model, tx, mesh, allreduce="ddl", num_classes=10, label_smoothing=0.1, bucket_bytes=64 << 10
+    )
+    batch = training.shard_batch(mesh, *src.load(np.arange(64), 0, True))
+    before = jax.device_get(state)
+    copy = jax.tree_util.tree_map(jnp.copy, state)
+    calls = jax_ddl.counters()["calls"]
+    jax.block_until_ready(step(copy, *batch))
+    per_step = jax_ddl.counters()["calls"] - calls
+    assert per_step > 1  # the buckets' calls and the statistics'
+    run = types.SimpleNamespace(model=model, mesh=mesh, train_source=src, recipe=recipe)
+    calls = jax_ddl.counters()["calls"]
+    out = measure_exposed(run, step, tx, state, batch, 3)
+    # 3 timed rounds and the untimed first one: 4 real steps, the unreduced ones no call.
+    assert jax_ddl.counters()["calls"] - calls == 4 * per_step
+    assert out["exposed_steps"] == 3
+    assert out["exposed_step_s"] > 0 and out["exposed_baseline_s"] > 0
+    assert out["exposed_s"] == out["exposed_step_s"] - out["exposed_baseline_s"]
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_batchnorm_statistics_are_averaged_over_devices():
     """One step from a fresh state: the running mean of the stem's BatchNorm is
     0.1 x (the mean over devices of each device's batch mean), computed here by numpy."""
@@ -461,6 +495,7 @@ def test_folder_errors_name_the_problem(tmp_path):
         (["--allreduce", "lax", "--topology", "4x2"], "--topology applies to --allreduce ddl"),
         (["--allreduce", "lax", "--buckets", "4"], "--buckets applies to --allreduce ddl"),
         (["--buckets", "-1"], "--buckets must be >= 0 MiB"),
+        (["--measure-exposed", "-2"], "--measure-exposed must be >= 0 steps"),
         (["--image-size", "2"], "--image-size must be >= 4"),
     ],
 )
@@ -551,11 +586,17 @@ def test_synthetic_data_trains_at_any_size(tmp_path):
         str(tmp_path),
         "--allreduce",
         "lax",
+        "--measure-exposed",
+        "2",
     )
     assert r.returncode == 0, r.stderr
     records = read_metrics(tmp_path / "metrics.jsonl")
     (summary,) = [x for x in records if x["kind"] == "summary"]
     assert summary["image_size"] == 20 and summary["allreduce"] == "lax"
+    # --measure-exposed: the step with jax.lax.pmean against the step without reduction.
+    assert summary["exposed_steps"] == 2 and summary["exposed_baseline_s"] > 0
+    assert summary["exposed_s"] == summary["exposed_step_s"] - summary["exposed_baseline_s"]
+    assert f"exposed communication: {summary['exposed_s'] * 1e3:.1f} ms a step" in r.stdout
     assert "allreduce_share" not in summary  # jax_ddl is not used in lax mode
     assert all(x["allreduce_s"] is None for x in records if x["kind"] == "train")
 

@@ -18,6 +18,8 @@ import time
 
 # Nothing that initialises a JAX backend may run before `setup_devices`.
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 import jax_ddl
 import jax_ddl.distributed
@@ -134,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(jax_ddl.sync_gradients); 0: one call after it [with --allreduce ddl: "
         f"{BUCKETS_ACROSS_PROCESSES_MB:g} across processes, where the buckets' calls hide "
         "the links behind the backward pass; 0 in one process: docs/training.md]",
+    )
+    g.add_argument(
+        "--measure-exposed",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after training, time STEPS train steps alternating with STEPS of the same "
+        "step without any reduction (on copies of the final state, the last batch) and "
+        "report the exposed communication per step: the difference of their medians",
     )
     g.add_argument(
         "--distributed",
@@ -299,6 +310,8 @@ def plan(args) -> Run:
         raise UsageError("--topology applies to --allreduce ddl only")
     if args.buckets is not None and args.buckets < 0:
         raise UsageError(f"--buckets must be >= 0 MiB; got {args.buckets:g}")
+    if args.measure_exposed < 0:
+        raise UsageError(f"--measure-exposed must be >= 0 steps; got {args.measure_exposed}")
     if args.buckets and args.allreduce != "ddl":
         raise UsageError("--buckets applies to --allreduce ddl only (jax_ddl.sync_gradients)")
     if args.resume and not args.checkpoint_dir:
@@ -395,6 +408,41 @@ def ddl_seconds(part: str = "all") -> float:
     wait = c["arrive_s"]
     work = c["reduce_scatter_s"] + c["broadcast_s"] + c["small_s"]
     return {"all": wait + work, "wait": wait, "work": work}[part]
+
+
+def measure_exposed(run: Run, train_step, tx, state, batch, steps: int) -> dict:
+    """Exposed communication per step, side by side: `steps` rounds, each one step of
+    `train_step` and one of the same step without any reduction (the order alternating
+    from round to round, so that neither always runs after the other), after one untimed
+    round that compiles the second. Both start from copies of `state` and run on `batch`;
+    `state` is left as it was. Every process runs the same rounds (the train step's
+    collectives need all of them) and times its own steps."""
+    bare = training.make_train_step(
+        run.model,
+        tx,
+        run.mesh,
+        allreduce=training.NO_REDUCTION,
+        num_classes=run.train_source.num_classes,
+        label_smoothing=run.recipe.label_smoothing,
+    )
+    copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
+    fns = {"step": train_step, "none": bare}
+    states = {k: copy(state) for k in fns}
+    times: dict = {k: [] for k in fns}
+    for r in range(steps + 1):
+        for k in ("step", "none") if r % 2 else ("none", "step"):
+            t0 = time.perf_counter()
+            states[k], m = fns[k](states[k], *batch)
+            jax.block_until_ready(m)
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {
+        "exposed_s": med["step"] - med["none"],
+        "exposed_step_s": med["step"],
+        "exposed_baseline_s": med["none"],
+        "exposed_steps": steps,
+    }
 
 
 def open_checkpoints(run: Run, state):
@@ -534,6 +582,7 @@ def train(run: Run) -> dict:
         timer.reset()
         ddl_mark[:] = [ddl_seconds(), ddl_seconds("wait")]
 
+    batch = None
     try:
         for step, (images, labels) in loader:
             batch = training.shard_batch(mesh, images, labels)
@@ -574,6 +623,15 @@ def train(run: Run) -> dict:
         ev = evaluate(run, eval_step, state)
         last_eval = ev["accuracy"]
         metrics.write({"kind": "eval", "step": int(jax.device_get(state.step)), **ev})
+    exposed = {}
+    if args.measure_exposed and batch is None:
+        progress.log("--measure-exposed: no step was trained in this run, nothing measured")
+    elif args.measure_exposed:
+        progress.log(
+            f"measuring exposed communication: {args.measure_exposed} steps with and "
+            f"{args.measure_exposed} without the reduction, alternating"
+        )
+        exposed = measure_exposed(run, train_step, tx, state, batch, args.measure_exposed)
     new = [r for r in metrics.records if r.get("kind") == "train" and r["step"] > start]
     summary = {
         "kind": "summary",
@@ -592,6 +650,7 @@ def train(run: Run) -> dict:
         "eval_accuracy": last_eval,
         "checkpoint_step": saved_at,
         **reporting.summarise(new, global_batch=args.batch_size),
+        **exposed,
     }
     metrics.write(summary)
     metrics.close()
@@ -614,11 +673,12 @@ def report(summary: dict, metrics_path, plot_path) -> None:
         )
         if share is not None and summary.get("buckets_mb"):
             # Bucket calls run inside the backward pass and overlap each other: their
-            # summed time is not a share of the step (bench_train.py measures what shows).
+            # summed time is not a share of the step (--measure-exposed measures what shows).
             lines.append(
                 f"  in jax_ddl: {summary['allreduce_s'] * 1e3:.1f} ms a step, summed over "
                 f"{summary['buckets_mb']:g} MiB buckets' calls that overlap the backward pass "
-                "and each other (exposed communication: examples/bench_train.py)"
+                "and each other"
+                + ("" if "exposed_s" in summary else " (what shows: --measure-exposed STEPS)")
             )
         elif share is not None:
             lines.append(
@@ -626,6 +686,14 @@ def report(summary: dict, metrics_path, plot_path) -> None:
                 f"({share:.1%} of the step; {summary['allreduce_wait_s'] * 1e3:.1f} ms of it "
                 f"waiting for the slowest device)"
             )
+    if "exposed_s" in summary:
+        lines.append(
+            f"  exposed communication: {summary['exposed_s'] * 1e3:.1f} ms a step (median "
+            f"step {summary['exposed_step_s'] * 1e3:.1f} ms against "
+            f"{summary['exposed_baseline_s'] * 1e3:.1f} ms for the same step without any "
+            f"reduction; {summary['exposed_steps']} steps each, alternating, after training, "
+            "on one batch already on the devices)"
+        )
     if summary.get("eval_accuracy") is not None:
         lines.append(f"  held-out accuracy {summary['eval_accuracy']:.4f}")
     lines.append(f"  metrics: {metrics_path}\n  plot: {plot_path}")
