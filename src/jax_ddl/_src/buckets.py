@@ -28,8 +28,8 @@ from jax_ddl._src.collectives import mean_divisor, psum
 from jax_ddl._src.gate import gate
 
 # Measured (docs/training.md: ResNet-50 over 2 emulated hosts at 1 Gbit/s): 4 MiB buckets
-# hid 72 % of the communication one call after the backward pass exposes, PyTorch DDP's
-# 25 MiB 2 % (the last bucket, the first layers', is ready only when the backward pass
+# hid 73-81 % of the communication one call after the backward pass exposes, PyTorch
+# DDP's 25 MiB 36 % (the last bucket, the first layers', is ready only when the backward pass
 # ends: the larger it is, the more of the link's time comes after it). The first bucket
 # smaller, as DDP's, so that communication starts early.
 DEFAULT_BUCKET_BYTES = 4 * 2**20
