@@ -240,7 +240,15 @@ def _train_mpi(n, out_dir, allreduce, *extra, launcher=()):
 
 @pytest.mark.parametrize("allreduce", ["ddl", "lax"])
 def test_training_two_processes_matches_one(tmp_path, allreduce, one_process):
-    mp_loss, mp_acc = _train_mpi(2, tmp_path / "mp", allreduce)
+    """Also --measure-exposed across processes: every process runs its rounds (the train
+    step's collectives need both), the first reports, and the trained results are those
+    of the run without it (the one-process run does not measure)."""
+    mp_loss, mp_acc = _train_mpi(2, tmp_path / "mp", allreduce, "--measure-exposed", "2")
+    records = [
+        json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    (summary,) = [x for x in records if x["kind"] == "summary"]
+    assert summary["exposed_steps"] == 2 and summary["exposed_baseline_s"] > 0
     sp_loss, sp_acc = one_process(allreduce)
     # Same global batches, rows split by process. Across processes the 8 gradients are
     # added in another order (jax_ddl: 4 in shared memory, then across the 2 processes;

@@ -736,6 +736,20 @@ def test_stopped_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
         *common, "--out-dir", str(tmp_path / "b"), "--checkpoint-dir", ckpt_b, "--resume"
     )
     assert second.returncode == 0, second.stderr
+    # At the end already: nothing trained, so nothing to measure (said, not an error).
+    done = run_cli(
+        *common,
+        "--out-dir",
+        str(tmp_path / "b"),
+        "--checkpoint-dir",
+        ckpt_b,
+        "--resume",
+        "--measure-exposed",
+        "2",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "nothing left to train" in done.stderr
+    assert "--measure-exposed: no step was trained in this run, nothing measured" in done.stderr
     # Same batches, same reduction order, deterministic kernels: bitwise equal.
     a, b = _restore(tmp_path / "a" / "ckpt", 8), _restore(ckpt_b, 8)
     assert len(a) == len(b) > 50
