@@ -83,9 +83,17 @@ def _namespaces() -> list[tuple[str, int]]:
     return found
 
 
-def _bridges() -> set[int]:
+def _links() -> list[tuple[str, int]]:
+    """(name, instance) of the bridges and the hosts' outer veth ends in this namespace."""
     listed = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    return {int(m) for m in re.findall(r"^\d+: ddl(\d+)-br[:@]", listed, flags=re.M)}
+    found = re.findall(r"^\d+: (ddl(\d+)(?:h\d+)?-br)[:@]", listed, flags=re.M)
+    return [(name, int(k)) for name, k in found]
+
+
+def _bridges() -> set[int]:
+    """Instances with a bridge or a host's outer veth end left (a host whose namespace
+    was deleted while a process still ran in it keeps its veth until removed)."""
+    return {k for _, k in _links()}
 
 
 def _remove(k: int) -> None:
@@ -98,7 +106,9 @@ def _remove(k: int) -> None:
             for f in etc.iterdir():
                 f.unlink()
             etc.rmdir()
-    subprocess.run(["ip", "link", "del", bridge(k)], capture_output=True)
+    for name, instance in _links():  # the bridge, and veths a busy namespace left
+        if instance == k:
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
 
 
 def down(addresses: list[str] | None = None) -> None:
