@@ -183,17 +183,21 @@ def overlap_term(
     return min(1.0, max(0.0, min(world.gather(w))))
 
 
-# The longest sleep between polls in MpiCall::Wait (ffi/mpi_transport.cc).
-POLL_MAX_S = 200e-6
+# How often a process polls MPI while its pipelined exchanges wait: each waiting device
+# thread sleeps up to kPollEvery x the number of threads sleeping (PollCap in
+# ffi/cpu_handler.cc), so the process as a whole polls about every kPollEvery.
+POLL_MAX_S = 100e-6
 
 
 def _wait_like_the_engine(MPI, reqs) -> None:
-    """Polls as MpiCall::Wait does: test, and when nothing completed sleep 5 us doubling
-    up to 200 us, back to 5 us after a completion. MPICH moves TCP data only while it is
-    called, so how a wait polls sets how fast messages go: a blocking MPI_Waitall
-    measures faster links than the engine sees, and one thread sleeping up to 1 ms (the
-    hierarchy's drain loop, where every device thread polls) measured 1-2 MiB messages 10x
-    slower than the engine moves them (docs/model.md)."""
+    """Polls as a process of the engine does while its exchanges wait: test, and when
+    nothing completed sleep 5 us doubling up to 100 us, back to 5 us after a completion.
+    MPICH moves TCP data only while it is called, so how a wait polls sets how fast
+    messages go: a blocking MPI_Waitall measures faster links than the engine sees, and
+    one thread sleeping up to 1 ms measured 1-2 MiB messages 10x slower than the engine
+    moved them (docs/model.md). At 10 Gbit/s, sleeping up to 200 us (as before the
+    engine's polling change) rated 0.5-2 MiB messages at 0.23-0.25 GB/s per host, up to
+    100 us at 0.33-0.38; the engine moves them faster still (docs/model.md)."""
     left = len(reqs)
     pause = 5e-6
     while left:
