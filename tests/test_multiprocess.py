@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from jax_ddl._src import model
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -276,6 +278,42 @@ def test_training_across_two_emulated_hosts(tmp_path, two_hosts, one_process):
     sp_loss, sp_acc = one_process("ddl")
     np.testing.assert_allclose(mp_loss, sp_loss, rtol=1e-5)
     assert mp_acc == pytest.approx(sp_acc, abs=1 / 360)
+
+
+def test_calibrate_across_two_processes_measures_the_host_link(tmp_path):
+    """python -m jax_ddl.calibrate under mpiexec (2 processes of 2 devices on this host):
+    the link between the processes is measured (latency, a bandwidth per message size,
+    polled as the engine polls), with the overlap of memory work and messages, and the
+    profile is one the model loads and predicts the launch's grids from."""
+    out = tmp_path / "profile.json"
+    r = run_mpi(
+        2,
+        "-m",
+        "jax_ddl.calibrate",
+        "--devices",
+        "2",
+        "--out",
+        out,
+        "--fault-sizes",
+        "1M",
+        "--message-sizes",
+        "64K,256K",
+        "-n",
+        "3",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("written to") == 1  # the first process reports
+    prof = model.Profile.load(str(out))
+    assert prof.placement == model.Placement(1, 2, 2)
+    host = prof.links["host"]
+    assert 0 < host.latency_s < 0.1 and host.bandwidth_Bps > 1e7
+    assert [m for m, _ in host.curve] == [64 << 10, 256 << 10]
+    assert all(bw > 1e7 for _, bw in host.curve)
+    assert 0 <= prof.overlap <= 1
+    for dims in ((2, 2), (4,)):
+        t = model.predict(16 << 20, dims, prof.placement, prof)["time_s"]
+        assert 1e-4 < t < 10
 
 
 @pytest.mark.parametrize(
