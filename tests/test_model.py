@@ -463,6 +463,32 @@ def test_explain_lists_what_auto_weighs_for_this_launch(monkeypatch, tmp_path):
         topology.choose(n, 1 << 20, "float32", True, 0, 16384)
 
 
+def test_calibration_waits_test_every_pending_request_and_sleep_at_most_the_engine_cap():
+    """The link exchange's wait polls as the engine: each pending request tested on its
+    own every pass (each MPI_Test drives MPICH's progress once), finished ones never
+    again, sleeps doubling from 5 us to POLL_MAX_S only while nothing completes."""
+    from jax_ddl._src import calibrate
+
+    class Req:
+        def __init__(self, after):
+            self.after, self.tests = after, 0
+
+        def Test(self):
+            assert self.tests < self.after, "tested again after completing"
+            self.tests += 1
+            return self.tests == self.after
+
+    reqs = [Req(1), Req(3), Req(12)]
+    sleeps = []
+    calibrate._wait_like_the_engine(reqs, sleep=sleeps.append)
+    assert [r.tests for r in reqs] == [1, 3, 12]  # once per pass until each completed
+    # Pass 1 completes the first request, pass 3 the second, pass 12 the last: a sleep
+    # after pass 2 (5 us), none after a completion, then 5 us doubling to the cap.
+    us = [round(x * 1e6, 3) for x in sleeps]
+    assert us == [5, 5, 10, 20, 40, 80, 100, 100, 100]
+    assert max(sleeps) == calibrate.POLL_MAX_S
+
+
 def test_calibrate_cli_one_process(tmp_path):
     out = tmp_path / "profile.json"
     r = subprocess.run(

@@ -189,18 +189,21 @@ def overlap_term(
 POLL_MAX_S = 100e-6
 
 
-def _wait_like_the_engine(MPI, reqs) -> None:
-    """Polls as a process of the engine does while its exchanges wait: test every pending
-    request on its own (MPI_Test each, as MpiCall's sweep does), and when none completed
-    sleep 5 us doubling up to 100 us, back to 5 us after a completion. MPICH moves TCP
-    data only while it is called, so how a wait polls sets how fast messages go: a
-    blocking MPI_Waitall measures faster links than the engine sees, and one thread
-    sleeping up to 1 ms measured 1-2 MiB messages 10x slower than the engine moved them.
-    Each MPI_Test of an incomplete request drives MPICH's progress once, so testing the
-    requests one by one moves more per poll than one MPI_Testsome over all of them: at
-    10 Gbit/s, 0.5-1 MiB messages 0.41-0.49 against 0.23-0.31 GB/s per host (docs/model.md);
-    sleeping up to 200 us (as before the engine's polling change) rated them lower still."""
-    del MPI  # the requests test themselves
+def _wait_like_the_engine(reqs, sleep=time.sleep) -> None:
+    """Waits for `reqs` polling about as a process of the engine polls while its pipelined
+    exchanges travel: every pending request tested on its own (MPI_Test, as each device
+    thread's sweep tests its slot's requests), and when none completed a sleep of 5 us
+    doubling up to POLL_MAX_S, back to 5 us after a completion. (One thread here tests
+    every slot's requests, so it makes more MPI_Test calls per poll than any one engine
+    thread; the flat plan's MpiCall::Wait sleeps up to 200 us.)
+
+    MPICH moves TCP data only while it is called, so how a wait polls sets how fast
+    messages go: a blocking MPI_Waitall measures faster links than the engine sees, and
+    one thread sleeping up to 1 ms measured 1-2 MiB messages 10x slower than the engine
+    moved them. Each MPI_Test of an incomplete request drives MPICH's progress once, so
+    testing the requests one by one moves more per poll than one MPI_Testsome over all of
+    them: at 10 Gbit/s, 0.5-2 MiB messages 0.38-0.49 against 0.23-0.31 GB/s per host side
+    by side (docs/model.md)."""
     pending = list(reqs)
     pause = 5e-6
     while pending:
@@ -209,7 +212,7 @@ def _wait_like_the_engine(MPI, reqs) -> None:
             pending = still
             pause = 5e-6
         else:
-            time.sleep(pause)
+            sleep(pause)
             pause = min(pause * 2, POLL_MAX_S)
 
 
@@ -231,7 +234,7 @@ def link_terms(
 
     if world.comm is None:
         return {}
-    MPI, comm = world.MPI, world.comm
+    comm = world.comm
     comms = [comm.Dup() for _ in range(devices)]
     hosts, per_host = placement.hosts, placement.processes_per_host
     host, local = divmod(world.rank, per_host)
@@ -250,7 +253,7 @@ def link_terms(
                     reqs += [comms[i].Irecv(bufs[i], source=src, tag=7) for i in range(k)]
                 for _, dst in peers:
                     reqs += [comms[i].Isend(send[i], dest=dst, tag=7) for i in range(k)]
-                _wait_like_the_engine(MPI, reqs)
+                _wait_like_the_engine(reqs)
 
             return run
 
