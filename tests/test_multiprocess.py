@@ -166,9 +166,13 @@ def test_an_mpi_other_than_the_launchers_is_an_error_not_lone_processes(tmp_path
     assert "MPI4PY_LIBMPI" in r.stderr
 
 
-def _losses(path):
+def _records(path):
     with open(path) as f:
-        records = [json.loads(line) for line in f]
+        return [json.loads(line) for line in f]
+
+
+def _losses(path):
+    records = _records(path)
     return [r["loss"] for r in records if r["kind"] == "train"], [
         r["accuracy"] for r in records if r["kind"] == "eval"
     ]
@@ -246,10 +250,7 @@ def test_training_two_processes_matches_one(tmp_path, allreduce, one_process):
     step's collectives need both), the first reports, and the trained results are those
     of the run without it (the one-process run does not measure)."""
     mp_loss, mp_acc = _train_mpi(2, tmp_path / "mp", allreduce, "--measure-exposed", "2")
-    records = [
-        json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().split("\n") if x
-    ]
-    (summary,) = [x for x in records if x["kind"] == "summary"]
+    (summary,) = [x for x in _records(tmp_path / "mp" / "metrics.jsonl") if x["kind"] == "summary"]
     assert summary["exposed_steps"] == 2 and summary["exposed_baseline_s"] > 0
     sp_loss, sp_acc = one_process(allreduce)
     # Same global batches, rows split by process. Across processes the 8 gradients are
