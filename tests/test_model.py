@@ -101,6 +101,41 @@ def test_link_bandwidth_follows_the_measured_message_sizes():
     assert four["messages_s"] == pytest.approx(0.080)
 
 
+def test_link_rate_with_more_messages_in_flight_moves_to_the_fan_curve():
+    # Ring curve measured with 4 messages per process in flight, the flat pattern's with 16.
+    link = M.Link(0.0, 1e8, ((1 << 20, 1e8),), 4, ((1 << 20, 3e8),), 16)
+    assert link.rate(1 << 20) == pytest.approx(1e8)  # streams not given: the ring curve
+    assert link.rate(1 << 20, 4) == pytest.approx(1e8)
+    assert link.rate(1 << 20, 8) == pytest.approx(2e8)  # halfway in log(streams)
+    assert link.rate(1 << 20, 16) == pytest.approx(3e8)
+    assert link.rate(1 << 20, 64) == pytest.approx(3e8)  # held beyond the fan's count
+    # A fan curve not measured with more streams than the ring's is ignored.
+    assert M.Link(0.0, 1e8, ((1, 1e8),), 4, ((1, 3e8),), 4).rate(1, 16) == pytest.approx(1e8)
+
+
+def test_flat_plan_across_hosts_uses_the_fan_curve_the_hierarchy_the_ring():
+    # 2 hosts x 1 process x 2 devices. Flat grid 4: each rank sends to the 2 ranks of the
+    # other host, 4 messages per process in flight (the fan's count): 4e6 per host per
+    # exchange at 2e8, twice: 40 ms (80 ms on the ring curve, test above). The hierarchy
+    # 2x2 sends one message per slot, 2 per process (the ring's count): 2e6 per host per
+    # exchange at 1e8, twice: 40 ms as without a fan curve.
+    fan = M.Profile(
+        **{
+            **PROFILE.__dict__,
+            "links": {
+                "host": M.Link(0.0, 1e9),
+                "network": M.Link(0.0, 1e8, ((1 << 20, 1e8),), 2, ((1 << 20, 2e8),), 4),
+            },
+        }
+    )
+    flat = M.predict(4_000_000, (4,), M.Placement(2, 1, 2), fan)
+    assert flat["messages_s"] == pytest.approx(0.040)
+    tree = M.predict(4_000_000, (2, 2), M.Placement(2, 1, 2), fan, chunk_bytes=0)
+    assert tree["messages_s"] == pytest.approx(0.040)
+    assert model_src._exchange(M.Placement(2, 1, 2), (4,), 0, 1.0)[2] == 4  # per process
+    assert model_src._exchange(M.Placement(2, 2, 1), (4,), 0, 1.0)[2] == 2
+
+
 def test_one_rank_has_one_grid():
     assert M.candidates(M.Placement(1, 1, 1)) == [(1,)]
     assert M.choose(1 << 20, M.Placement(1, 1, 1), PROFILE) == (1,)
@@ -239,6 +274,8 @@ def test_validate_pairs_runs_with_their_profiles_and_reports_errors(tmp_path):
         0.116 / 0.082
     )
     assert "profile-x.json" in r.stdout  # says which profile each run was predicted with
+    # 1.41 predicted against 1.16 measured: 22 % off, outside the 20 % target.
+    assert v["ratios_within_target"] == 0 and "of 1, 0 within 20%" in r.stdout
     # A file that is not bench output is named, with what to give instead.
     (tmp_path / "bench-y.json").write_text(json.dumps({"rows": []}))
     r = subprocess.run(
@@ -252,11 +289,20 @@ def test_validate_pairs_runs_with_their_profiles_and_reports_errors(tmp_path):
 def test_profile_round_trip_and_bad_profiles(tmp_path):
     path = tmp_path / "p.json"
     prof = M.Profile(
-        **{**PROFILE.__dict__, "faults": [(1 << 20, 1e-9)], "placement": M.Placement(2, 1, 4)}
+        **{
+            **PROFILE.__dict__,
+            "faults": [(1 << 20, 1e-9)],
+            "placement": M.Placement(2, 1, 4),
+            "links": {
+                "host": M.Link(0.0, 1e9),
+                "network": M.Link(1e-5, 1e8, ((1 << 20, 1e8),), 4, ((1 << 20, 2e8),), 16),
+            },
+        }
     )
     prof.save(str(path))
     back = M.Profile.load(str(path))
     assert back.to_json() == prof.to_json()
+    assert back.links["network"] == prof.links["network"]  # curves and stream counts too
     d = json.loads(path.read_text())
     del d["links"]
     path.write_text(json.dumps(d))
@@ -271,6 +317,8 @@ def test_profile_round_trip_and_bad_profiles(tmp_path):
     for change, message in (
         (lambda d: d["links"].pop("network"), "links.network is missing"),
         (lambda d: d["links"]["host"].update(bandwidth_Bps=0), "links.host needs bandwidths"),
+        (lambda d: d["links"]["network"].update(fan_streams=-1), "links.network .*stream counts"),
+        (lambda d: d["links"]["network"].update(fan_curve=[[1, 0]]), "links.network needs"),
         (lambda d: d.update(call_s=-1), "call_s, barrier_s"),
         (lambda d: d.update(overlap=2), "overlap must be in"),
         (lambda d: d.update(links=[]), "not a jax_ddl profile"),

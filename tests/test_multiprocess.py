@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -315,6 +316,46 @@ def test_calibrate_across_two_processes_measures_the_host_link(tmp_path):
     for dims in ((2, 2), (4,)):
         t = model.predict(16 << 20, dims, prof.placement, prof)["time_s"]
         assert 1e-4 < t < 10
+
+
+def test_calibrate_measures_both_patterns_between_hosts(tmp_path):
+    """The calibration's exchanges between hosts, run by 2 processes of 2 device slots told
+    they are 2 hosts: the ring pattern (one message per slot) and the flat plan's (every
+    slot to every slot of the other host's process) each complete (sends and receives
+    match: a mismatch would hang) and give a curve per message size and their stream
+    counts (2 and 4 messages per process in flight)."""
+    script = tmp_path / "links.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            from mpi4py import MPI
+            from jax_ddl._src import calibrate, model
+
+            class World:
+                comm = MPI.COMM_WORLD
+                rank = comm.rank
+                def barrier(self):
+                    self.comm.Barrier()
+                def gather(self, v):
+                    return self.comm.allgather(v)
+
+            out = calibrate.link_terms(World(), model.Placement(2, 1, 2), [1024, 65536], 2, 2)
+            if MPI.COMM_WORLD.rank == 0:
+                print("LINKS " + json.dumps(out))
+            """
+        )
+    )
+    r = run_mpi(2, script, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("LINKS ")]
+    links = json.loads(line[len("LINKS ") :])
+    assert set(links) == {"network", "network_fan"}  # no overlap asked for (no copy rate)
+    for name, streams in (("network", 2), ("network_fan", 4)):
+        latency, bandwidth, curve, count = links[name]
+        assert count == streams
+        assert [m for m, _ in curve] == [1024, 65536] and all(bw > 1e5 for _, bw in curve)
+        assert bandwidth == curve[-1][1] and latency > 0
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,9 @@ from jax_ddl._src.model import (
 )
 from jax_ddl._src.project import project
 
+# The validation's target for predicted flat/topology-aware time ratios (docs/model.md).
+RATIO_TARGET = 0.20
+
 __all__ = [
     "AUTO_MARGIN",
     "Link",
@@ -148,6 +151,7 @@ def validate(paths, profiles) -> dict:
         else ((errs[len(errs) // 2 - 1] + errs[len(errs) // 2]) / 2 if errs else float("nan")),
         "p90_abs_error": pct(0.9),
         "max_ratio_error": max((abs(x["error"]) for x in ratios), default=0.0),
+        "ratios_within_target": sum(abs(x["error"]) <= RATIO_TARGET for x in ratios),
     }
 
 
@@ -176,7 +180,16 @@ def _runs(folder: str):
 
 def _validation_json(v) -> dict:
     return {
-        **{k: v[k] for k in ("median_abs_error", "p90_abs_error", "max_ratio_error", "notes")},
+        **{
+            k: v[k]
+            for k in (
+                "median_abs_error",
+                "p90_abs_error",
+                "max_ratio_error",
+                "ratios_within_target",
+                "notes",
+            )
+        },
         "rows": [{**r, "placement": r["placement"].label()} for r in v["rows"]],
         "ratios": v["ratios"],
     }
@@ -202,7 +215,8 @@ def _validation_text(v) -> str:
     out.append(
         f"# {len(v['rows'])} rows: median |error| {100 * v['median_abs_error']:.1f}%, "
         f"90th percentile {100 * v['p90_abs_error']:.1f}%; flat/aware ratios: worst "
-        f"{100 * v['max_ratio_error']:.1f}% of {len(v['ratios'])}"
+        f"{100 * v['max_ratio_error']:.1f}% of {len(v['ratios'])}, "
+        f"{v['ratios_within_target']} within {100 * RATIO_TARGET:.0f}%"
     )
     return "\n".join(out)
 

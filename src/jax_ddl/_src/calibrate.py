@@ -11,7 +11,9 @@ the allreduce works), and the profile keeps the slowest process's value of each 
   process with the same process of the next host); bandwidth per host, all processes at
   once, per message size, with one message per device slot to each peer at once on its
   own communicator as the engine sends (concurrent messages over TCP cost more than one
-  large one here);
+  large one here); between hosts also in the flat plan's pattern (every device slot to
+  every device slot of every process on the other hosts: more messages in flight move
+  more per poll of MPI);
 - how far memory work and messages overlap: copies on every device thread while the
   slowest level's exchange runs, against each alone (1: the pair takes as long as the
   longer, 0: their sum; on few cores the network stack and the memory work compete);
@@ -28,6 +30,7 @@ Writes a JSON profile (`--out`) for jax_ddl.model, `JAX_DDL_PROFILE` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -158,16 +161,18 @@ def overlap_term(
         return threads
 
     exchange = make_exchange()
-    s_copy, s_msg = [], []
-    for _ in range(max(2, iters // 2)):
+    for t in copies():  # the buffers' pages touched outside the timing
+        t.join()
+    alone, together, s_msg = [], [], []
+    for _ in range(max(3, iters)):
         world.barrier()
         t0 = time.perf_counter()
         for t in copies():
             t.join()
-        t_copy = time.perf_counter() - t0
+        alone.append(time.perf_counter() - t0)
         # Every process runs as many exchanges (peers must match them) as the copies
         # took alone, while its copies run again.
-        count = max(1, round(max(world.gather(t_copy)) / t_exchange))
+        count = max(1, round(max(world.gather(alone[-1])) / t_exchange))
         world.barrier()
         t0 = time.perf_counter()
         threads = copies()
@@ -176,11 +181,16 @@ def overlap_term(
         t_msg = time.perf_counter() - t0
         for t in threads:
             t.join()
-        s_copy.append(t_copy / (max(ends) - t0))
+        together.append(max(ends) - t0)
         s_msg.append(count * t_exchange / t_msg)
-    # The slowest process's pair.
-    w = _median(s_copy) + min(1.0, _median(s_msg)) - 1
-    return min(1.0, max(0.0, min(world.gather(w))))
+    # Medians of the times, not of per-repetition ratios (a ratio of two noisy times is
+    # noisier than either); neither side can gain from the other.
+    s_copy = min(1.0, _median(alone) / _median(together))
+    w = s_copy + min(1.0, _median(s_msg)) - 1
+    # The processes do the same work: the median over them (on a shared machine the
+    # smallest of several noisy estimates is biased low; with the smallest, two calibrations
+    # of one launch minutes apart gave 0.07 and 0.61).
+    return min(1.0, max(0.0, _median(world.gather(w))))
 
 
 # How often a process polls MPI while its pipelined exchanges wait: each waiting device
@@ -225,11 +235,14 @@ def link_terms(
     copy_Bps: float = 0.0,
     cap: int = 16 * MiB,
 ) -> dict:
-    """{"host": (latency, bandwidth, curve), "network": (...), "overlap": w} for the levels
-    this launch has. Messages go as the engine sends them: one per device slot to each
-    peer at once, each slot on its own duplicate of MPI_COMM_WORLD, so the curve (bytes
-    per message -> bytes per second per host) includes what concurrent messages cost. The
-    overlap is measured against the slowest level."""
+    """{"host": (latency, bandwidth, curve, streams), "network": (...), "network_fan":
+    (...), "overlap": w} for the levels this launch has. Messages go as the engine sends
+    them: one per device slot to each peer at once, each slot on its own duplicate of
+    MPI_COMM_WORLD, so the curve (bytes per message -> bytes per second per host)
+    includes what concurrent messages cost; streams: the messages each process has in
+    flight. "network_fan" is the flat plan's pattern between hosts (every slot to every
+    slot of every process on the other hosts), measured where it differs from the ring's.
+    The overlap is measured against the slowest level."""
     import numpy as np
 
     if world.comm is None:
@@ -241,18 +254,26 @@ def link_terms(
     out = {}
     slowest = None
 
-    def exchange(peers, size, k):
-        """(seconds, maker): k messages of `size` bytes to and from every peer at once."""
-        send = [np.ones(max(1, size), np.uint8) for _ in range(k)]
-        recvs = [[np.empty(max(1, size), np.uint8) for _ in range(k)] for _ in peers]
+    def exchange(peers, size, k, fan=False):
+        """(seconds, maker): k messages of `size` bytes to and from every peer at once, one
+        per device slot on its comm; with `fan`, k * k (every slot to every slot of the
+        peer, on the receiving slot's comm and tagged with the sender's, as the flat plan
+        sends)."""
+        pairs = (
+            [(a, 100 + b) for a in range(k) for b in range(k)]
+            if fan
+            else [(a, 7) for a in range(k)]
+        )
+        send = [np.ones(max(1, size), np.uint8) for _ in pairs]
+        recvs = [[np.empty(max(1, size), np.uint8) for _ in pairs] for _ in peers]
 
         def make(polling=True):
             def run():
                 reqs = []
                 for bufs, (src, _) in zip(recvs, peers):
-                    reqs += [comms[i].Irecv(bufs[i], source=src, tag=7) for i in range(k)]
+                    reqs += [comms[c].Irecv(b, source=src, tag=t) for b, (c, t) in zip(bufs, pairs)]
                 for _, dst in peers:
-                    reqs += [comms[i].Isend(send[i], dest=dst, tag=7) for i in range(k)]
+                    reqs += [comms[c].Isend(b, dest=dst, tag=t) for b, (c, t) in zip(send, pairs)]
                 _wait_like_the_engine(reqs)
 
             return run
@@ -261,21 +282,32 @@ def link_terms(
         run()  # connections set up outside the timing
         return max(world.gather(_timed(world, run, iters))), make
 
-    def level(peers, host_bytes_per_message):
-        latency, _ = exchange(peers, 8, 1)
+    def level(peers, host_messages, latency=None, fan=False, limit=cap):
+        """((latency, bandwidth, curve, messages in flight per process), the last size's
+        (seconds, maker)); `host_messages`: messages one host sends in one exchange."""
+        if latency is None:
+            latency, _ = exchange(peers, 8, 1)
+        k = devices * devices if fan else devices
         curve, last = [], None
         for m in sizes:
-            if m * devices * len(peers) > cap and curve:
+            if m * k * len(peers) > limit and curve:
                 break
-            t, make = exchange(peers, m, devices)
-            curve.append((m, host_bytes_per_message * m / max(t - latency, 1e-9)))
+            t, make = exchange(peers, m, devices, fan)
+            curve.append((m, host_messages * m / max(t - latency, 1e-9)))
             last = (t, make)
-        return (latency, curve[-1][1], curve), last
+        return (latency, curve[-1][1], curve, k * len(peers)), last
 
     if hosts > 1:
         nxt = ((host + 1) % hosts) * per_host + local
         prv = ((host - 1) % hosts) * per_host + local
         out["network"], slowest = level([(prv, nxt)], per_host * devices)
+        # The flat plan's pattern: every slot to every slot of every process of the other
+        # hosts at once.
+        far = [(q, q) for q in range(hosts * per_host) if q // per_host != host]
+        if len(far) * devices * devices > devices:  # else the same pattern as above
+            out["network_fan"], _ = level(
+                far, per_host * len(far) * devices**2, out["network"][0], fan=True, limit=4 * cap
+            )
     if per_host > 1:
         mates = [host * per_host + q for q in range(per_host) if q != local]
         out["host"], last = level([(q, q) for q in mates], per_host * len(mates) * devices)
@@ -372,6 +404,7 @@ def calibrate(args) -> dict:
     copy, reduce = memory_terms(world, devices, args.iters)
     links = link_terms(world, placement, args.message_sizes, args.iters, devices, copy)
     overlap = links.pop("overlap", 1.0)
+    fan = links.pop("network_fan", None)
     # The default grid, whatever JAX_DDL_TOPOLOGY says.
     call = _call_time(world, 8, T.default_dims(jax.device_count()), args.iters)
     barrier = 20e-6
@@ -392,7 +425,7 @@ def calibrate(args) -> dict:
         call_s=call,
         barrier_s=barrier,
         overlap=overlap,
-        links={k: M.Link(v[0], v[1], tuple(v[2])) for k, v in links.items()},
+        links={k: M.Link(v[0], v[1], tuple(v[2]), v[3]) for k, v in links.items()},
         faults=faults,
         placement=placement,
         meta={
@@ -406,6 +439,10 @@ def calibrate(args) -> dict:
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
+    if fan is not None:
+        profile.links["network"] = dataclasses.replace(
+            profile.links["network"], fan_curve=tuple(fan[2]), fan_streams=fan[3]
+        )
     # Levels this launch does not have keep the built-in terms, marked as such.
     for level in M.LEVELS:
         if level not in profile.links:
@@ -435,6 +472,11 @@ def table(profile) -> str:
             lines.append(
                 f"       {m / 1024:8.0f} KiB messages, one per device slot to each peer: "
                 f"{bw / 1e9:8.3f} GB/s per host"
+            )
+        for m, bw in link.fan_curve:
+            lines.append(
+                f"       {m / 1024:8.0f} KiB messages, {link.fan_streams} per process (flat "
+                f"plan's pattern): {bw / 1e9:8.3f} GB/s per host"
             )
     lines.append(
         f"  fixed cost of one call (8 B per device)               {profile.call_s * 1e6:8.1f} us"

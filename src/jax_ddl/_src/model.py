@@ -10,7 +10,8 @@ Rabenseifner & Gropp 2005), plus the terms the calibration showed matter on CPUs
 - messages between processes: for every exchange, the bytes each host sends to other
   hosts (at the `network` level's per-host bandwidth) and the bytes its processes send
   to each other (at the `host` level's), each plus the level's latency; an exchange
-  takes as long as its slowest host;
+  takes as long as its slowest host; between hosts the bandwidth is the one measured with
+  as many messages in flight per process (DDL's pattern and the flat plan's);
 - DDL's hierarchy across processes is pipelined in chunks (`JAX_DDL_CHUNK_BYTES`):
   local work and messages overlap, a pipeline of m chunks takes
   local + messages - w * min(local, messages) * (m - 1) / m, where w (calibrated, 0..1)
@@ -105,13 +106,19 @@ class Link:
     # (bytes per message, bytes per second per host) as measured, messages one per device
     # slot to each peer at once; bandwidth_Bps where empty.
     curve: tuple = ()
+    # Messages each process had in flight to this level's peers when `curve` was measured
+    # (0: not recorded).
+    streams: int = 0
+    # The same measured with many more messages in flight (every device slot to every
+    # device slot of every peer process, as the flat plan sends), and how many per process.
+    # Over TCP a process that polls MPI between other work moves more per poll with more
+    # messages in flight: at 10 Gbit/s here 1.2-1.8x the per-host rate at 0.5-2 MiB.
+    fan_curve: tuple = ()
+    fan_streams: int = 0
 
-    def rate(self, message_bytes: float) -> float:
-        """Bandwidth for messages of this size: interpolated in log(size) on the curve,
-        held flat beyond its ends."""
-        pts = sorted(self.curve)
-        if not pts:
-            return self.bandwidth_Bps
+    @staticmethod
+    def _on(curve, message_bytes: float) -> float:
+        pts = sorted(curve)
         if message_bytes <= pts[0][0]:
             return pts[0][1]
         for (s0, b0), (s1, b1) in itertools.pairwise(pts):
@@ -119,6 +126,22 @@ class Link:
                 w = (math.log(message_bytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
                 return b0 + w * (b1 - b0)
         return pts[-1][1]
+
+    def rate(self, message_bytes: float, streams: float = 0) -> float:
+        """Bandwidth for messages of this size: interpolated in log(size) on the curve,
+        held flat beyond its ends. With `streams` (messages per process in flight at once)
+        and both curves measured: the curve's rate up to its own stream count, the fan
+        curve's from its count on, interpolated in log(streams) between."""
+        if not self.curve:
+            return self.bandwidth_Bps
+        base = self._on(self.curve, message_bytes)
+        if not self.fan_curve or streams <= self.streams or self.fan_streams <= self.streams:
+            return base
+        fan = self._on(self.fan_curve, message_bytes)
+        if streams >= self.fan_streams:
+            return fan
+        w = math.log(streams / self.streams) / math.log(self.fan_streams / self.streams)
+        return base + w * (fan - base)
 
 
 @dataclasses.dataclass
@@ -165,7 +188,11 @@ class Profile:
             "barrier_s": self.barrier_s,
             "overlap": self.overlap,
             "links": {
-                k: {**dataclasses.asdict(v), "curve": [list(p) for p in v.curve]}
+                k: {
+                    **dataclasses.asdict(v),
+                    "curve": [list(p) for p in v.curve],
+                    "fan_curve": [list(p) for p in v.fan_curve],
+                }
                 for k, v in self.links.items()
             },
             "faults": [list(p) for p in self.faults],
@@ -183,6 +210,9 @@ class Profile:
                     float(v["latency_s"]),
                     float(v["bandwidth_Bps"]),
                     tuple((int(m), float(b)) for m, b in v.get("curve", [])),
+                    int(v.get("streams", 0)),
+                    tuple((int(m), float(b)) for m, b in v.get("fan_curve", [])),
+                    int(v.get("fan_streams", 0)),
                 )
                 for k, v in d["links"].items()
             }
@@ -214,9 +244,15 @@ class Profile:
             if link is None:
                 problems.append(f"links.{level} is missing")
             elif (
-                link.bandwidth_Bps <= 0 or link.latency_s < 0 or any(b <= 0 for _, b in link.curve)
+                link.bandwidth_Bps <= 0
+                or link.latency_s < 0
+                or any(b <= 0 for _, b in link.curve + link.fan_curve)
+                or link.streams < 0
+                or link.fan_streams < 0
             ):
-                problems.append(f"links.{level} needs bandwidths > 0 and a latency >= 0")
+                problems.append(
+                    f"links.{level} needs bandwidths > 0, a latency >= 0 and stream counts >= 0"
+                )
         if p.call_s < 0 or p.barrier_s < 0 or any(v < 0 for _, v in p.faults):
             problems.append("call_s, barrier_s and page-fault costs must be >= 0")
         if not 0 <= p.overlap <= 1:
@@ -298,9 +334,10 @@ def _regions(nbytes: float, dims) -> list[float]:
 
 def _exchange(
     placement: Placement, dims, stage: int, per_peer: float, members=None
-) -> tuple[float, float]:
-    """Bytes (to other hosts, to other processes of the same host) the busiest host sends
-    when every rank of a stage of `dims` sends `per_peer` bytes to each peer of its group.
+) -> tuple[float, float, float]:
+    """(bytes to other hosts, bytes to other processes of the same host, messages to other
+    hosts per process) of the busiest host, when every rank of a stage of `dims` sends
+    `per_peer` bytes to each peer of its group.
 
     `members` maps a plan rank to a global rank (None: the identity)."""
     strides = [math.prod(dims[:i]) for i in range(len(dims))]
@@ -321,16 +358,21 @@ def _exchange(
                 net[h] = net.get(h, 0.0) + per_peer
             elif pproc != proc:
                 host[h] = host.get(h, 0.0) + per_peer
-    return max(net.values(), default=0.0), max(host.values(), default=0.0)
+    busiest = max(net.values(), default=0.0)
+    streams = busiest / per_peer / placement.processes_per_host if per_peer > 0 else 0.0
+    return busiest, max(host.values(), default=0.0), streams
 
 
-def _link_time(profile: Profile, net_bytes: float, host_bytes: float, message: float) -> float:
+def _link_time(
+    profile: Profile, net_bytes: float, host_bytes: float, message: float, streams: float = 0
+) -> float:
     """Seconds of one exchange: the busiest host's bytes at each level, at the bandwidth
-    the level has for messages of `message` bytes, plus the level's latency."""
+    the level has for messages of `message` bytes (and, between hosts, `streams` messages
+    in flight per process), plus the level's latency."""
     t = 0.0
     if net_bytes > 0:
         link = profile.links["network"]
-        t = max(t, link.latency_s + net_bytes / link.rate(message))
+        t = max(t, link.latency_s + net_bytes / link.rate(message, streams))
     if host_bytes > 0:
         link = profile.links.get("host", profile.links["network"])
         t = max(t, link.latency_s + host_bytes / link.rate(message))
@@ -434,9 +476,9 @@ def predict(
             per_rank_red += (q + 1) * part
             # Every slot of every process sends `part` to each group peer, all slots at
             # once (the slots are symmetric: slot 0's traffic times D).
-            net, host = _exchange(placement, pdims, j, part, members=lambda r: r * D)
+            net, host, streams = _exchange(placement, pdims, j, part, members=lambda r: r * D)
             net, host = net * D / chunks, host * D / chunks
-            messages += 2 * chunks * _link_time(profile, net, host, part / chunks)
+            messages += 2 * chunks * _link_time(profile, net, host, part / chunks, streams * D)
         # The final slice read once (float32) and written into every local output.
         per_rank_copy += s * acc + S
         local = D * (per_rank_red / red + per_rank_copy / copy) + faults
@@ -475,9 +517,9 @@ def predict(
         # scattered out of their frames.
         ag = 2 * remote * part + (0 if last else 2 * near * part) + 2 * remote * part
         local += D * (rs / red + ag / copy)
-        net, host = _exchange(placement, dims, i, part)
-        messages += _link_time(profile, net * es, host * es, part * es)
-        messages += _link_time(profile, net, host, part)
+        net, host, streams = _exchange(placement, dims, i, part)
+        messages += _link_time(profile, net * es, host * es, part * es, streams)
+        messages += _link_time(profile, net, host, part, streams)
     # Arrival, a barrier after every reduce-scatter stage but the last, one per all-gather.
     local += (2 * len(dims)) * profile.barrier_s + faults
     out.update(local_s=local, messages_s=messages)
