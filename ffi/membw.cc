@@ -60,22 +60,27 @@ double CopyBandwidth(int64_t bytes_per_thread, int threads, int iters) {
 namespace {
 
 template <typename T>
-double ReduceRate(int64_t bytes_per_thread, int sources, int threads, int iters) {
+double ReduceRate(int64_t bytes_per_thread, int sources, int destinations, int threads,
+                  int iters) {
   using A = typename AccumOf<T>::type;
   const int64_t n = std::max<int64_t>(1, bytes_per_thread / static_cast<int64_t>(sizeof(T)));
-  std::vector<std::vector<T>> bufs(static_cast<size_t>(threads) * (sources + 1));
+  const int per = sources + destinations;
+  std::vector<std::vector<T>> bufs(static_cast<size_t>(threads) * per);
   for (auto& b : bufs) b.assign(n, T{});  // touched: no page faults inside the timing
   std::vector<double> rates;
   for (int it = 0; it < iters; ++it) {
     const double secs = Timed(threads, [&](int t) {
       std::vector<const char*> srcs;
+      std::vector<char*> dsts;
       for (int q = 0; q < sources; ++q) {
-        srcs.push_back(reinterpret_cast<const char*>(bufs[t * (sources + 1) + q].data()));
+        srcs.push_back(reinterpret_cast<const char*>(bufs[t * per + q].data()));
       }
-      char* dst = reinterpret_cast<char*>(bufs[t * (sources + 1) + sources].data());
-      ReduceKernel<Op::kSum, A, T, T>(srcs.data(), sources, &dst, 1, n);
+      for (int q = 0; q < destinations; ++q) {
+        dsts.push_back(reinterpret_cast<char*>(bufs[t * per + sources + q].data()));
+      }
+      ReduceKernel<Op::kSum, A, T, T>(srcs.data(), sources, dsts.data(), destinations, n);
     });
-    const double bytes = static_cast<double>(n) * sizeof(T) * (sources + 1) * threads;
+    const double bytes = static_cast<double>(n) * sizeof(T) * per * threads;
     rates.push_back(bytes / secs);
   }
   std::sort(rates.begin(), rates.end());
@@ -85,17 +90,19 @@ double ReduceRate(int64_t bytes_per_thread, int sources, int threads, int iters)
 }  // namespace
 
 double ReduceBandwidth(const char* dtype, int64_t bytes_per_thread, int sources, int threads,
-                       int iters) {
+                       int iters, int destinations) {
   threads = std::max(1, threads);
   iters = std::max(1, iters);
   sources = std::max(1, sources);
+  destinations = std::max(1, destinations);
   const std::string d(dtype);
-  if (d == "float32") return ReduceRate<float>(bytes_per_thread, sources, threads, iters);
-  if (d == "float64") return ReduceRate<double>(bytes_per_thread, sources, threads, iters);
-  if (d == "bfloat16") return ReduceRate<bf16_t>(bytes_per_thread, sources, threads, iters);
-  if (d == "float16") return ReduceRate<f16_t>(bytes_per_thread, sources, threads, iters);
-  if (d == "int32") return ReduceRate<int32_t>(bytes_per_thread, sources, threads, iters);
-  if (d == "int64") return ReduceRate<int64_t>(bytes_per_thread, sources, threads, iters);
+  const int64_t b = bytes_per_thread;
+  if (d == "float32") return ReduceRate<float>(b, sources, destinations, threads, iters);
+  if (d == "float64") return ReduceRate<double>(b, sources, destinations, threads, iters);
+  if (d == "bfloat16") return ReduceRate<bf16_t>(b, sources, destinations, threads, iters);
+  if (d == "float16") return ReduceRate<f16_t>(b, sources, destinations, threads, iters);
+  if (d == "int32") return ReduceRate<int32_t>(b, sources, destinations, threads, iters);
+  if (d == "int64") return ReduceRate<int64_t>(b, sources, destinations, threads, iters);
   return -1.0;
 }
 

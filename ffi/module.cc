@@ -101,17 +101,18 @@ NB_MODULE(_ddl, m) {
   m.def(
       "reduce_bandwidth",
       [](const std::string& dtype, int64_t bytes_per_thread, int sources, int threads,
-         int iters) {
+         int iters, int destinations) {
         double r = 0;
         {
           nb::gil_scoped_release release;
-          r = jax_ddl::ReduceBandwidth(dtype.c_str(), bytes_per_thread, sources, threads, iters);
+          r = jax_ddl::ReduceBandwidth(dtype.c_str(), bytes_per_thread, sources, threads, iters,
+                                       destinations);
         }
         if (r < 0) throw nb::value_error(("reduce_bandwidth: unknown dtype " + dtype).c_str());
         return r;
       },
       nb::arg("dtype"), nb::arg("bytes_per_thread"), nb::arg("sources"), nb::arg("threads"),
-      nb::arg("iters"));
+      nb::arg("iters"), nb::arg("destinations") = 1);
   m.def("mpi_compiled_in", &jax_ddl::MpiCompiledIn);
   m.def("mpi_attached", &jax_ddl::MpiAttached);
   m.def(

@@ -38,6 +38,28 @@ def test_one_process_flat_reads_and_writes_every_byte_once_per_rank():
     assert p["time_s"] == pytest.approx(4 * (1e6 + 0.5e6 + 0.5e6 + 1e6) / 1e9)
 
 
+def test_one_process_stages_at_the_rate_of_their_kernel_shape():
+    # Measured float32 rates by shape: 2 sources into 1 at 2 GB/s, 4 into 1 at 1 GB/s (the
+    # dtype rates' reference), into all 4 outputs at 4 GB/s.
+    shaped = M.Profile(
+        **{
+            **PROFILE.__dict__,
+            "reduce_shapes": {(2, 1): 2e9, (4, 1): 1e9, (2, 4): 4e9, (4, 4): 4e9},
+        }
+    )
+    assert shaped.stage_rate("float32", 2, 1) == pytest.approx(2e9)
+    assert shaped.stage_rate("bfloat16", 2, 1) == pytest.approx(1e9)  # half float32's
+    assert shaped.stage_rate("float32", 3, 1) == pytest.approx(1e9)  # nearest in log: 4
+    assert shaped.stage_rate("float32", 8, 8) == pytest.approx(4e9)  # several outputs
+    assert PROFILE.stage_rate("float32", 2, 4) == pytest.approx(1e9)  # none measured
+    # Flat 4: one stage reads S, writes S into the 4 outputs: 4 ranks x 2 MB at 4 GB/s.
+    p = M.predict(1_000_000, (4,), M.Placement(1, 1, 4), shaped)
+    assert p["time_s"] == pytest.approx(4 * 2e6 / 4e9)
+    # 2x2: stage 0 (2 into 1) 1.5 MB at 2 GB/s, stage 1 (2 into 4) 1.5 MB at 4 GB/s.
+    p = M.predict(1_000_000, (2, 2), M.Placement(1, 1, 4), shaped)
+    assert p["time_s"] == pytest.approx(4 * (1.5e6 / 2e9 + 1.5e6 / 4e9))
+
+
 def test_hierarchy_across_hosts_hand_computed():
     # 2 hosts x 1 process x 2 devices, grid 2x2, 4 MB per device, one chunk.
     # Local stage: read 4e6, write 2e6 (reduce). Process stage on s = 2e6, part 1e6: frames
@@ -293,6 +315,7 @@ def test_profile_round_trip_and_bad_profiles(tmp_path):
             **PROFILE.__dict__,
             "faults": [(1 << 20, 1e-9)],
             "placement": M.Placement(2, 1, 4),
+            "reduce_shapes": {(2, 1): 2e9, (4, 4): 3e9},
             "links": {
                 "host": M.Link(0.0, 1e9),
                 "network": M.Link(1e-5, 1e8, ((1 << 20, 1e8),), 4, ((1 << 20, 2e8),), 16),
@@ -303,6 +326,7 @@ def test_profile_round_trip_and_bad_profiles(tmp_path):
     back = M.Profile.load(str(path))
     assert back.to_json() == prof.to_json()
     assert back.links["network"] == prof.links["network"]  # curves and stream counts too
+    assert back.reduce_shapes == prof.reduce_shapes
     d = json.loads(path.read_text())
     del d["links"]
     path.write_text(json.dumps(d))
@@ -321,6 +345,7 @@ def test_profile_round_trip_and_bad_profiles(tmp_path):
         (lambda d: d["links"]["network"].update(fan_curve=[[1, 0]]), "links.network needs"),
         (lambda d: d.update(call_s=-1), "call_s, barrier_s"),
         (lambda d: d.update(overlap=2), "overlap must be in"),
+        (lambda d: d.update(reduce_shapes=[[0, 1, 1e9]]), "copy and reduction rates"),
         (lambda d: d.update(links=[]), "not a jax_ddl profile"),
     ):
         d = prof.to_json()
@@ -564,6 +589,10 @@ def test_calibrate_cli_one_process(tmp_path):
     assert prof.copy_Bps > 1e8 and all(v > 1e7 for v in prof.reduce_Bps.values())
     assert 0 < prof.call_s < 0.1 and [s for s, _ in prof.faults] == [1 << 20, 4 << 20]
     assert "reduction bfloat16" in r.stdout and "written to" in r.stdout
+    # The stages' kernel shapes: 2 and 4 sources, into 1 or the 4 outputs.
+    assert sorted(prof.reduce_shapes) == [(2, 1), (2, 4), (4, 1), (4, 4)]
+    assert all(v > 1e7 for v in prof.reduce_shapes.values())
+    assert "(2 sources -> 4, 4 MiB buffers)" in r.stdout
     # The profile predicts this machine's flat call within reason (sanity, not accuracy).
     p = M.predict(4 << 20, (4,), prof.placement, prof)
     assert 1e-4 < p["time_s"] < 1.0 and math.isfinite(p["time_s"])

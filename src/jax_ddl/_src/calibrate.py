@@ -5,7 +5,9 @@ with the same processes, devices and hosts. Every process measures at the same t
 the allreduce works), and the profile keeps the slowest process's value of each term:
 
 - memory copy bandwidth of one process's device threads (reads + writes per second);
-- reduction throughput of the engine's kernel per dtype (4 sources into 1);
+- reduction throughput of the engine's kernel per dtype (4 sources into 1), and for
+  float32 per shape of a stage in shared memory (p sources into 1, or into every local
+  device's output);
 - per level, latency and bandwidth of the messages between processes: `host` (processes
   of one host with each other, every one sending to every other) and `network` (every
   process with the same process of the next host); bandwidth per host, all processes at
@@ -128,6 +130,25 @@ def memory_terms(world, devices: int, iters: int) -> tuple[float, dict]:
     copies = world.gather(copy)
     reduces = world.gather(reduce)
     return min(copies), {k: min(r[k] for r in reduces) for k in reduce}
+
+
+def shape_terms(world, devices: int, iters: int) -> dict:
+    """{(sources, destinations): float32 reads + writes per second} for the shapes of the
+    stages in shared memory: p copies into one partial result, and at the last stage into
+    every one of the `devices` outputs, p = 2, 4, 8 and the devices' count (their divisors
+    up to it); buffers of 4 MiB, one thread per device, every process at once."""
+    from jax_ddl import _ddl
+
+    if devices < 2:
+        return {}
+    counts = sorted({p for p in (2, 4, 8, devices) if p <= devices})
+    out = {}
+    for p in counts:
+        for q in sorted({1, devices}):
+            world.barrier()
+            rate = _ddl.reduce_bandwidth("float32", 4 * MiB, p, devices, max(3, iters // 2), q)
+            out[(p, q)] = min(world.gather(rate))
+    return out
 
 
 def overlap_term(
@@ -402,6 +423,7 @@ def calibrate(args) -> dict:
     placement = T.placement(jax.device_count())  # as topology="auto" will see this launch
     started = time.perf_counter()
     copy, reduce = memory_terms(world, devices, args.iters)
+    shapes = shape_terms(world, devices, args.iters)
     links = link_terms(world, placement, args.message_sizes, args.iters, devices, copy)
     overlap = links.pop("overlap", 1.0)
     fan = links.pop("network_fan", None)
@@ -422,6 +444,7 @@ def calibrate(args) -> dict:
     profile = M.Profile(
         copy_Bps=copy,
         reduce_Bps=reduce,
+        reduce_shapes=shapes,
         call_s=call,
         barrier_s=barrier,
         overlap=overlap,
@@ -461,6 +484,10 @@ def table(profile) -> str:
     ]
     for k, v in profile.reduce_Bps.items():
         lines.append(f"  reduction {k:<9} (4 sources -> 1, reads+writes)     {v / 1e9:8.2f} GB/s")
+    for (p, q), v in sorted(profile.reduce_shapes.items()):
+        lines.append(
+            f"  reduction float32   ({p} sources -> {q}, 4 MiB buffers)     {v / 1e9:8.2f} GB/s"
+        )
     missing = profile.meta.get("not_measured", [])
     for level, link in profile.links.items():
         note = "  (built-in: not in this launch)" if level in missing else ""

@@ -157,6 +157,10 @@ class Profile:
     links: dict  # level ("host", "network") -> Link
     faults: list  # [(bytes per device, seconds per byte of fresh output)], sorted by size
     overlap: float = 1.0  # how far memory work and messages overlap (1 full, 0 none)
+    # float32 reduction throughput by the kernel's shape, (sources, destinations) -> reads
+    # + writes per second: a stage reduces its group's p copies into one partial result,
+    # the last stage into every rank's output. Empty: reduce_Bps for every shape.
+    reduce_shapes: dict = dataclasses.field(default_factory=dict)
     placement: Placement | None = None  # the launch it was measured in
     meta: dict = dataclasses.field(default_factory=dict)
 
@@ -165,6 +169,18 @@ class Profile:
             return self.reduce_Bps[dtype]
         same = [v for k, v in self.reduce_Bps.items() if DTYPE_BYTES.get(k) == DTYPE_BYTES[dtype]]
         return same[0] if same else self.copy_Bps
+
+    def stage_rate(self, dtype: str, sources: int, destinations: int = 1) -> float:
+        """Reduction throughput of a stage of this shape: the measured float32 rate of the
+        same number of destinations (1, or several) and the nearest number of sources (in
+        log), scaled by the dtype's rate against float32's (both 4 sources into 1)."""
+        red = self.reduce_rate(dtype)
+        same = [(p, r) for (p, q), r in self.reduce_shapes.items() if (q > 1) == (destinations > 1)]
+        base = self.reduce_shapes.get((4, 1)) or self.reduce_Bps.get("float32")
+        if not same or not base:
+            return red
+        _, rate = min(same, key=lambda pr: (abs(math.log(pr[0] / max(1, sources))), pr[0]))
+        return rate * red / base
 
     def fault_s_per_byte(self, nbytes: int) -> float:
         """Interpolated in log(size) between the measured sizes, held flat outside them."""
@@ -187,6 +203,7 @@ class Profile:
             "call_s": self.call_s,
             "barrier_s": self.barrier_s,
             "overlap": self.overlap,
+            "reduce_shapes": [[p, q, r] for (p, q), r in sorted(self.reduce_shapes.items())],
             "links": {
                 k: {
                     **dataclasses.asdict(v),
@@ -226,6 +243,9 @@ class Profile:
                 call_s=float(d["call_s"]),
                 barrier_s=float(d["barrier_s"]),
                 overlap=float(d.get("overlap", 1.0)),
+                reduce_shapes={
+                    (int(p), int(q)): float(r) for p, q, r in d.get("reduce_shapes", [])
+                },
                 links=links,
                 faults=sorted((int(s), float(v)) for s, v in d.get("faults", [])),
                 placement=Placement.parse(d["placement"]) if d.get("placement") else None,
@@ -237,7 +257,11 @@ class Profile:
                 "python -m jax_ddl.calibrate --out FILE"
             ) from None
         problems = []
-        if p.copy_Bps <= 0 or any(v <= 0 for v in p.reduce_Bps.values()):
+        if (
+            p.copy_Bps <= 0
+            or any(v <= 0 for v in p.reduce_Bps.values())
+            or any(v <= 0 or min(k) < 1 for k, v in p.reduce_shapes.items())
+        ):
             problems.append("copy and reduction rates must be > 0")
         for level in LEVELS:
             link = p.links.get(level)
@@ -433,12 +457,13 @@ def predict(
         else:
             # Stage i: a rank reads its part from its group's buffers (the inputs, then the
             # partial results: float32 for 16-bit types) and writes it, at the last stage
-            # into every rank's output. Barriers: arrival and after every stage.
-            per_rank = 0.0
+            # into every rank's output, at the kernel's rate for that shape (p sources into
+            # one, or into D outputs). Barriers: arrival and after every stage.
+            local = (len(dims) + 1) * profile.barrier_s
             for i, (n, p) in enumerate(zip(_regions(S, dims), dims)):
-                per_rank += n * (1 if i == 0 else acc)
-                per_rank += S if i == len(dims) - 1 else n / p * acc
-            local = D * per_rank / red + (len(dims) + 1) * profile.barrier_s
+                last = i == len(dims) - 1
+                moved = n * (1 if i == 0 else acc) + (S if last else n / p * acc)
+                local += D * moved / profile.stage_rate(dtype, p, D if last else 1)
         out.update(local_s=local, messages_s=0.0)
         out["time_s"] = profile.call_s + local + faults
         return out
