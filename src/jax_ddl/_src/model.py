@@ -50,7 +50,7 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_SMALL_BYTES = 16 << 10
 # topology="auto" keeps the default grid unless another is predicted faster by more than
 # this fraction, about the model's median error on this project's validation runs (8 % to
-# 16 % by setup, docs/model.md): smaller predicted gains are not real gains.
+# 15 % by setup, docs/model.md): smaller predicted gains are not real gains.
 AUTO_MARGIN = 0.15
 
 
