@@ -44,17 +44,22 @@ def test_one_process_stages_at_the_rate_of_their_kernel_shape():
     shaped = M.Profile(
         **{
             **PROFILE.__dict__,
-            "reduce_shapes": {(2, 1): 2e9, (4, 1): 1e9, (2, 4): 4e9, (4, 4): 4e9},
+            "reduce_shapes": {(2, 1): 2e9, (4, 1): 1e9, (2, 4): 4e9, (4, 4): 3e9},
         }
     )
     assert shaped.stage_rate("float32", 2, 1) == pytest.approx(2e9)
     assert shaped.stage_rate("bfloat16", 2, 1) == pytest.approx(1e9)  # half float32's
     assert shaped.stage_rate("float32", 3, 1) == pytest.approx(1e9)  # nearest in log: 4
-    assert shaped.stage_rate("float32", 8, 8) == pytest.approx(4e9)  # several outputs
+    assert shaped.stage_rate("float32", 8, 8) == pytest.approx(3e9)  # several outputs: 4
+    assert shaped.stage_rate("float32", 2, 8) == pytest.approx(4e9)
+    # float32 at the measured rates as they are; other dtypes scaled by reduce_Bps.
+    slow4 = M.Profile(**{**PROFILE.__dict__, "reduce_shapes": {(4, 1): 0.5e9, (2, 1): 2e9}})
+    assert slow4.stage_rate("float32", 4, 1) == pytest.approx(0.5e9)
+    assert slow4.stage_rate("bfloat16", 2, 1) == pytest.approx(1e9)
     assert PROFILE.stage_rate("float32", 2, 4) == pytest.approx(1e9)  # none measured
-    # Flat 4: one stage reads S, writes S into the 4 outputs: 4 ranks x 2 MB at 4 GB/s.
+    # Flat 4: one stage reads S, writes S into the 4 outputs: 4 ranks x 2 MB at 3 GB/s.
     p = M.predict(1_000_000, (4,), M.Placement(1, 1, 4), shaped)
-    assert p["time_s"] == pytest.approx(4 * 2e6 / 4e9)
+    assert p["time_s"] == pytest.approx(4 * 2e6 / 3e9)
     # 2x2: stage 0 (2 into 1) 1.5 MB at 2 GB/s, stage 1 (2 into 4) 1.5 MB at 4 GB/s.
     p = M.predict(1_000_000, (2, 2), M.Placement(1, 1, 4), shaped)
     assert p["time_s"] == pytest.approx(4 * (1.5e6 / 2e9 + 1.5e6 / 4e9))
@@ -138,24 +143,30 @@ def test_link_rate_with_more_messages_in_flight_moves_to_the_fan_curve():
 def test_flat_plan_across_hosts_uses_the_fan_curve_the_hierarchy_the_ring():
     # 2 hosts x 1 process x 2 devices. Flat grid 4: each rank sends to the 2 ranks of the
     # other host, 4 messages per process in flight (the fan's count): 4e6 per host per
-    # exchange at 2e8, twice: 40 ms (80 ms on the ring curve, test above). The hierarchy
-    # 2x2 sends one message per slot, 2 per process (the ring's count): 2e6 per host per
-    # exchange at 1e8, twice: 40 ms as without a fan curve.
-    fan = M.Profile(
-        **{
-            **PROFILE.__dict__,
-            "links": {
-                "host": M.Link(0.0, 1e9),
-                "network": M.Link(0.0, 1e8, ((1 << 20, 1e8),), 2, ((1 << 20, 2e8),), 4),
-            },
-        }
-    )
+    # exchange at 2e8, twice: 40 ms (80 ms on the ring curve alone, as in
+    # test_flat_spec_across_hosts_hand_computed). The hierarchy 2x2 sends one message per
+    # slot, 2 per process (the ring's count): 2e6 per host per exchange at 1e8, twice:
+    # 40 ms, as without a fan curve.
+    def with_network(link):
+        return M.Profile(
+            **{**PROFILE.__dict__, "links": {"host": M.Link(0.0, 1e9), "network": link}}
+        )
+
+    fan = with_network(M.Link(0.0, 1e8, ((1 << 20, 1e8),), 2, ((1 << 20, 2e8),), 4))
     flat = M.predict(4_000_000, (4,), M.Placement(2, 1, 2), fan)
     assert flat["messages_s"] == pytest.approx(0.040)
     tree = M.predict(4_000_000, (2, 2), M.Placement(2, 1, 2), fan, chunk_bytes=0)
     assert tree["messages_s"] == pytest.approx(0.040)
+    # Curves measured with 1 and 2 messages per process: the hierarchy's 2 per process
+    # (one per device slot) get the second curve's rate, 20 ms.
+    low = with_network(M.Link(0.0, 1e8, ((1 << 20, 1e8),), 1, ((1 << 20, 2e8),), 2))
+    tree = M.predict(4_000_000, (2, 2), M.Placement(2, 1, 2), low, chunk_bytes=0)
+    assert tree["messages_s"] == pytest.approx(0.020)
     assert model_src._exchange(M.Placement(2, 1, 2), (4,), 0, 1.0)[2] == 4  # per process
     assert model_src._exchange(M.Placement(2, 2, 1), (4,), 0, 1.0)[2] == 2
+    # A fan curve without the ring curve's count is not used (nothing to interpolate from).
+    unknown = M.Link(0.0, 1e8, ((1 << 20, 1e8),), 0, ((1 << 20, 2e8),), 4)
+    assert unknown.rate(1 << 20, 3) == pytest.approx(1e8)
 
 
 def test_one_rank_has_one_grid():
@@ -280,6 +291,9 @@ def test_validate_pairs_runs_with_their_profiles_and_reports_errors(tmp_path):
         "rows": [row("jax_ddl", 100.0), row("ddl-flat", 116.0)],
     }
     (tmp_path / "bench-x-1.json").write_text(json.dumps(bench))
+    # A second run whose measured ratio is the predicted one (82 / 116 ms).
+    exact = {**bench, "rows": [row("jax_ddl", 82.0), row("ddl-flat", 116.0)]}
+    (tmp_path / "bench-x-2.json").write_text(json.dumps(exact))
     out = tmp_path / "v.json"
     r = subprocess.run(
         [sys.executable, "-m", "jax_ddl.model", "--validate", str(tmp_path), "--json", str(out)],
@@ -288,16 +302,18 @@ def test_validate_pairs_runs_with_their_profiles_and_reports_errors(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     v = json.loads(out.read_text())
-    errors = {x["impl"]: x["error"] for x in v["rows"]}
+    errors = {x["impl"]: x["error"] for x in v["rows"] if x["file"].endswith("bench-x-1.json")}
     assert errors["jax_ddl"] == pytest.approx(0.082 / 0.100 - 1)
     assert errors["ddl-flat"] == pytest.approx(0.0, abs=1e-9)
-    (ratio,) = v["ratios"]
+    ratio, second = v["ratios"]
+    assert second["error"] == pytest.approx(0.0, abs=1e-9)
     assert ratio["measured"] == pytest.approx(1.16) and ratio["predicted"] == pytest.approx(
         0.116 / 0.082
     )
     assert "profile-x.json" in r.stdout  # says which profile each run was predicted with
-    # 1.41 predicted against 1.16 measured: 22 % off, outside the 20 % target.
-    assert v["ratios_within_target"] == 0 and "of 1, 0 within 20%" in r.stdout
+    # 1.41 predicted against 1.16 measured: 22 % off, outside the 20 % target; the second
+    # run's exact.
+    assert v["ratios_within_target"] == 1 and "of 2, 1 within 20%" in r.stdout
     # A file that is not bench output is named, with what to give instead.
     (tmp_path / "bench-y.json").write_text(json.dumps({"rows": []}))
     r = subprocess.run(
@@ -592,7 +608,7 @@ def test_calibrate_cli_one_process(tmp_path):
     # The stages' kernel shapes: 2 and 4 sources, into 1 or the 4 outputs.
     assert sorted(prof.reduce_shapes) == [(2, 1), (2, 4), (4, 1), (4, 4)]
     assert all(v > 1e7 for v in prof.reduce_shapes.values())
-    assert "(2 sources -> 4, 4 MiB buffers)" in r.stdout
+    assert "(2 sources -> 4, <= 4 MiB buffers)" in r.stdout
     # The profile predicts this machine's flat call within reason (sanity, not accuracy).
     p = M.predict(4 << 20, (4,), prof.placement, prof)
     assert 1e-4 < p["time_s"] < 1.0 and math.isfinite(p["time_s"])

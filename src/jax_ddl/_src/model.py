@@ -112,7 +112,7 @@ class Link:
     # The same measured with many more messages in flight (every device slot to every
     # device slot of every peer process, as the flat plan sends), and how many per process.
     # Over TCP a process that polls MPI between other work moves more per poll with more
-    # messages in flight: at 10 Gbit/s here 1.2-1.8x the per-host rate at 0.5-2 MiB.
+    # messages in flight: at 10 Gbit/s here 1.1-1.9x the per-host rate at 0.5-2 MiB.
     fan_curve: tuple = ()
     fan_streams: int = 0
 
@@ -130,12 +130,17 @@ class Link:
     def rate(self, message_bytes: float, streams: float = 0) -> float:
         """Bandwidth for messages of this size: interpolated in log(size) on the curve,
         held flat beyond its ends. With `streams` (messages per process in flight at once)
-        and both curves measured: the curve's rate up to its own stream count, the fan
-        curve's from its count on, interpolated in log(streams) between."""
+        and both curves measured with known counts: the curve's rate up to its own count,
+        the fan curve's from its count on, interpolated in log(streams) between."""
         if not self.curve:
             return self.bandwidth_Bps
         base = self._on(self.curve, message_bytes)
-        if not self.fan_curve or streams <= self.streams or self.fan_streams <= self.streams:
+        if (
+            not self.fan_curve
+            or self.streams <= 0
+            or streams <= self.streams
+            or self.fan_streams <= self.streams
+        ):
             return base
         fan = self._on(self.fan_curve, message_bytes)
         if streams >= self.fan_streams:
@@ -171,16 +176,17 @@ class Profile:
         return same[0] if same else self.copy_Bps
 
     def stage_rate(self, dtype: str, sources: int, destinations: int = 1) -> float:
-        """Reduction throughput of a stage of this shape: the measured float32 rate of the
-        same number of destinations (1, or several) and the nearest number of sources (in
-        log), scaled by the dtype's rate against float32's (both 4 sources into 1)."""
+        """Reduction throughput of a stage of this shape: the float32 rate measured for the
+        same kind of destination (one, or several) and the nearest number of sources (in
+        log), as measured for float32 and scaled for other dtypes by their rate against
+        float32's (reduce_Bps, both 4 sources into 1)."""
         red = self.reduce_rate(dtype)
         same = [(p, r) for (p, q), r in self.reduce_shapes.items() if (q > 1) == (destinations > 1)]
-        base = self.reduce_shapes.get((4, 1)) or self.reduce_Bps.get("float32")
-        if not same or not base:
+        f32 = self.reduce_Bps.get("float32")
+        if not same or not f32:
             return red
         _, rate = min(same, key=lambda pr: (abs(math.log(pr[0] / max(1, sources))), pr[0]))
-        return rate * red / base
+        return rate * red / f32
 
     def fault_s_per_byte(self, nbytes: int) -> float:
         """Interpolated in log(size) between the measured sizes, held flat outside them."""
