@@ -138,14 +138,15 @@ def memory_terms(world, devices: int, iters: int) -> tuple[float, dict]:
 def shape_terms(world, devices: int, iters: int) -> dict:
     """{(sources, destinations): float32 reads + writes per second} for the shapes of the
     stages in shared memory: p copies into one partial result, and at the last stage into
-    every one of the `devices` outputs, p = 2, 4, 8 and the devices' count (those up to
-    it); buffers of 4 MiB, or smaller so that one process's buffers of a shape stay within
-    512 MiB; one thread per device, every process at once."""
+    every one of the `devices` outputs, p = 2, 8 and the devices' count (those up to it)
+    and 4 (the model's reference); buffers of 4 MiB, or smaller so that one process's
+    buffers of a shape stay within 512 MiB; one thread per device, every process at once."""
     from jax_ddl import _ddl
 
     if devices < 2:
         return {}
-    counts = sorted({p for p in (2, 4, 8, devices) if p <= devices})
+    # 4 into 1 always: the reference the model scales the others by.
+    counts = sorted({4} | {p for p in (2, 8, devices) if p <= devices})
     out = {}
     for p in counts:
         for q in sorted({1, devices}):

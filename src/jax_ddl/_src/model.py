@@ -49,7 +49,7 @@ MAX_PHASES = 128  # ffi/rendezvous.h kMaxPhases: barriers of one call
 DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_SMALL_BYTES = 16 << 10
 # topology="auto" keeps the default grid unless another is predicted faster by more than
-# this fraction, about the model's median error on this project's validation runs (8 % to
+# this fraction, about the model's median error on this project's validation runs (10 % to
 # 15 % by setup, docs/model.md): smaller predicted gains are not real gains.
 AUTO_MARGIN = 0.15
 
@@ -164,7 +164,8 @@ class Profile:
     overlap: float = 1.0  # how far memory work and messages overlap (1 full, 0 none)
     # float32 reduction throughput by the kernel's shape, (sources, destinations) -> reads
     # + writes per second: a stage reduces its group's p copies into one partial result,
-    # the last stage into every rank's output. Empty: reduce_Bps for every shape.
+    # the last stage into every rank's output; used relative to its (4, 1) entry
+    # (stage_rate). Empty: reduce_Bps for every shape.
     reduce_shapes: dict = dataclasses.field(default_factory=dict)
     placement: Placement | None = None  # the launch it was measured in
     meta: dict = dataclasses.field(default_factory=dict)
@@ -176,17 +177,20 @@ class Profile:
         return same[0] if same else self.copy_Bps
 
     def stage_rate(self, dtype: str, sources: int, destinations: int = 1) -> float:
-        """Reduction throughput of a stage of this shape: the float32 rate measured for the
-        same kind of destination (one, or several) and the nearest number of sources (in
-        log), as measured for float32 and scaled for other dtypes by their rate against
-        float32's (reduce_Bps, both 4 sources into 1)."""
+        """Reduction throughput of a stage of this shape: the dtype's rate (reduce_Bps, 4
+        sources into 1) times the shape's factor, the float32 rate measured for the same
+        kind of destination (one, or several) and the nearest number of sources (in log)
+        against the same table's 4 sources into 1. The table is used for how the rate
+        changes with the shape, not for its level: its kernel writes into buffers of its
+        own, while the engine in place writes into lines it has just read, which ran
+        1.3-1.5x faster here (docs/model.md)."""
         red = self.reduce_rate(dtype)
         same = [(p, r) for (p, q), r in self.reduce_shapes.items() if (q > 1) == (destinations > 1)]
-        f32 = self.reduce_Bps.get("float32")
-        if not same or not f32:
+        ref = self.reduce_shapes.get((4, 1))
+        if not same or not ref:
             return red
         _, rate = min(same, key=lambda pr: (abs(math.log(pr[0] / max(1, sources))), pr[0]))
-        return rate * red / f32
+        return red * rate / ref
 
     def fault_s_per_byte(self, nbytes: int) -> float:
         """Interpolated in log(size) between the measured sizes, held flat outside them."""
