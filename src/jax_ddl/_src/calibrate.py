@@ -105,11 +105,6 @@ class World:
         return self.comm.allgather(value) if self.comm is not None else [value]
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def _timed(world, fn, iters):
     """Median seconds of fn() over iters, every process starting together."""
     out = []
@@ -118,7 +113,7 @@ def _timed(world, fn, iters):
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
-    return _median(out)
+    return statistics.median(out)
 
 
 def memory_terms(world, devices: int, iters: int) -> tuple[float, dict]:
@@ -212,8 +207,8 @@ def overlap_term(
         s_msg.append(count * t_exchange / t_msg)
     # Medians of the times, not of per-repetition ratios (a ratio of two noisy times is
     # noisier than either); neither side can gain from the other.
-    s_copy = min(1.0, _median(alone) / _median(together))
-    w = s_copy + min(1.0, _median(s_msg)) - 1
+    s_copy = min(1.0, statistics.median(alone) / statistics.median(together))
+    w = s_copy + min(1.0, statistics.median(s_msg)) - 1
     # The processes do the same work: the median over them (on a shared machine the
     # smallest of several noisy estimates is biased low; with the smallest, two calibrations
     # of one launch minutes apart gave 0.07 and 0.61).
@@ -294,7 +289,7 @@ def link_terms(
         send = [np.ones(max(1, size), np.uint8) for _ in pairs]
         recvs = [[np.empty(max(1, size), np.uint8) for _ in pairs] for _ in peers]
 
-        def make(polling=True):
+        def make():
             def run():
                 reqs = []
                 for bufs, (src, _) in zip(recvs, peers):
@@ -383,7 +378,7 @@ def _call_time(world, nbytes: int, topology, iters: int) -> float:
         t0 = time.perf_counter()
         x = jax.block_until_ready(fn(x))
         times.append(time.perf_counter() - t0)
-    return max(world.gather(_median(times)))
+    return max(world.gather(statistics.median(times)))
 
 
 def fault_terms(world, sizes, iters: int) -> list:
@@ -412,7 +407,7 @@ def fault_terms(world, sizes, iters: int) -> list:
                 times.append(time.perf_counter() - t0)
                 xs = ys if donate else xs
                 del ys
-            per[donate] = max(world.gather(_median(times)))
+            per[donate] = max(world.gather(statistics.median(times)))
             del xs
         out.append((count * 4, max(0.0, per[False] - per[True]) / (count * 4 * len(devs))))
     return out

@@ -99,6 +99,19 @@ class Placement:
         return cls(h, p, d)
 
 
+def _log_interp(points, x: float) -> float:
+    """The value at `x` on (size, value) points: interpolated in log(size), held flat
+    beyond the ends."""
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (s0, v0), (s1, v1) in itertools.pairwise(pts):
+        if x <= s1:
+            w = (math.log(x) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return v0 + w * (v1 - v0)
+    return pts[-1][1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Link:
     latency_s: float
@@ -116,17 +129,6 @@ class Link:
     fan_curve: tuple = ()
     fan_streams: int = 0
 
-    @staticmethod
-    def _on(curve, message_bytes: float) -> float:
-        pts = sorted(curve)
-        if message_bytes <= pts[0][0]:
-            return pts[0][1]
-        for (s0, b0), (s1, b1) in itertools.pairwise(pts):
-            if message_bytes <= s1:
-                w = (math.log(message_bytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
-                return b0 + w * (b1 - b0)
-        return pts[-1][1]
-
     def rate(self, message_bytes: float, streams: float = 0) -> float:
         """Bandwidth for messages of this size: interpolated in log(size) on the curve,
         held flat beyond its ends. With `streams` (messages per process in flight at once)
@@ -134,7 +136,7 @@ class Link:
         the fan curve's from its count on, interpolated in log(streams) between."""
         if not self.curve:
             return self.bandwidth_Bps
-        base = self._on(self.curve, message_bytes)
+        base = _log_interp(self.curve, message_bytes)
         if (
             not self.fan_curve
             or self.streams <= 0
@@ -142,7 +144,7 @@ class Link:
             or self.fan_streams <= self.streams
         ):
             return base
-        fan = self._on(self.fan_curve, message_bytes)
+        fan = _log_interp(self.fan_curve, message_bytes)
         if streams >= self.fan_streams:
             return fan
         w = math.log(streams / self.streams) / math.log(self.fan_streams / self.streams)
@@ -194,16 +196,7 @@ class Profile:
 
     def fault_s_per_byte(self, nbytes: int) -> float:
         """Interpolated in log(size) between the measured sizes, held flat outside them."""
-        pts = sorted(self.faults)
-        if not pts:
-            return 0.0
-        if nbytes <= pts[0][0]:
-            return max(0.0, pts[0][1])
-        for (s0, v0), (s1, v1) in itertools.pairwise(pts):
-            if nbytes <= s1:
-                w = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
-                return max(0.0, v0 + w * (v1 - v0))
-        return max(0.0, pts[-1][1])
+        return max(0.0, _log_interp(self.faults, nbytes)) if self.faults else 0.0
 
     def to_json(self) -> dict:
         return {
