@@ -208,6 +208,55 @@ def test_latency_and_fixed_terms_add_per_exchange_and_call():
     assert p["time_s"] - base["time_s"] == pytest.approx(1e-3 + 2e-4)
 
 
+def test_fixed_cost_is_the_measured_small_call_less_what_the_model_charges_it():
+    # 2 hosts x 2 single-device processes, default grid 2 x 2: a host stage and a network
+    # stage, each two exchanges (latencies 50 and 300 us); arrival and exit barriers (20 us
+    # each); links fast enough that 8 bytes add nothing. A measured 8-byte call of 2 ms
+    # leaves 2 - 0.1 - 0.6 - 0.04 = 1.26 ms of fixed cost (less the 8 bytes' memory work,
+    # under 0.1 us), the model then predicts that call at what was measured, and the flat
+    # grid pays one exchange pair at the slower level.
+    prof = M.Profile(
+        **{
+            **PROFILE.__dict__,
+            "barrier_s": 20e-6,
+            "links": {"host": M.Link(50e-6, 1e15), "network": M.Link(300e-6, 1e15)},
+        }
+    )
+    place = M.Placement(2, 2, 1)
+    assert M.default_grid(place) == (2, 2)
+    fixed = M.fixed_cost(2e-3, place, prof)
+    assert fixed == pytest.approx(1.26e-3, abs=1e-7)
+    prof.call_s = fixed
+    assert M.predict(8, (2, 2), place, prof)["time_s"] == pytest.approx(2e-3, rel=1e-6)
+    flat = M.predict(8, (4,), place, prof)["time_s"]
+    assert flat == pytest.approx(1.26e-3 + 2 * 300e-6 + 2 * 20e-6, abs=1e-7)
+    assert M.fixed_cost(1e-4, place, prof) == 0.0  # never negative
+
+
+def test_version_1_profiles_load_with_their_call_made_a_fixed_cost(tmp_path):
+    prof = M.Profile(
+        **{
+            **PROFILE.__dict__,
+            "call_s": 2e-3,
+            "barrier_s": 20e-6,
+            "placement": M.Placement(2, 2, 1),
+            "links": {"host": M.Link(50e-6, 1e15), "network": M.Link(300e-6, 1e15)},
+        }
+    )
+    d = prof.to_json()
+    assert d["version"] == 2
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps({**d, "version": 1}))
+    old = M.Profile.load(str(path))
+    assert old.call_s == pytest.approx(1.26e-3, abs=1e-7)
+    assert old.meta["call_measured_s"] == 2e-3
+    path.write_text(json.dumps(d))
+    assert M.Profile.load(str(path)).call_s == 2e-3  # version 2 as written
+    path.write_text(json.dumps({**d, "version": 3}))
+    with pytest.raises(ValueError, match="version 3, expected 1 or 2"):
+        M.Profile.load(str(path))
+
+
 def test_page_faults_out_of_place_interpolate_in_log_size():
     prof = M.Profile(**{**PROFILE.__dict__, "faults": [(1 << 20, 1e-9), (4 << 20, 3e-9)]})
     assert prof.fault_s_per_byte(2 << 20) == pytest.approx(2e-9)
@@ -611,6 +660,11 @@ def test_calibrate_cli_one_process(tmp_path):
     assert prof.placement == M.Placement(1, 1, 4)
     assert prof.copy_Bps > 1e8 and all(v > 1e7 for v in prof.reduce_Bps.values())
     assert 0 < prof.call_s < 0.1 and [s for s, _ in prof.faults] == [1 << 20, 4 << 20]
+    # The fixed cost is the measured 8-byte call less what the model charges it itself.
+    measured = prof.meta["call_measured_s"]
+    assert prof.call_s <= measured
+    small = M.predict(8, M.default_grid(prof.placement), prof.placement, prof)["time_s"]
+    assert small == pytest.approx(measured, rel=1e-6) or prof.call_s == 0.0
     assert "reduction bfloat16" in r.stdout and "written to" in r.stdout
     # The stages' kernel shapes: 2 and 4 sources, into 1 or the 4 outputs.
     assert sorted(prof.reduce_shapes) == [(2, 1), (2, 4), (4, 1), (4, 4)]

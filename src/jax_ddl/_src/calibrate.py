@@ -20,7 +20,8 @@ the allreduce works), and the profile keeps the slowest process's value of each 
 - how far memory work and messages overlap: copies on every device thread while the
   slowest level's exchange runs, against each alone (1: the pair takes as long as the
   longer, 0: their sum; on few cores the network stack and the memory work compete);
-- the fixed cost of one jax_ddl call (8 bytes per device, the default grid);
+- the fixed cost of one jax_ddl call: an 8-byte call of the default grid, less the
+  latencies and barriers the model charges that call itself (jax_ddl.model.fixed_cost);
 - one shared-memory stage (a barrier): one process only, from 64 KiB calls of a
   2-dimensional and the flat grid (the built-in 20 us under mpiexec);
 - page faults of fresh output buffers: an XLA add on every local device into a fresh
@@ -472,6 +473,8 @@ def calibrate(args) -> dict:
         if level not in profile.links:
             profile.links[level] = net_defaults[level]
             profile.meta.setdefault("not_measured", []).append(level)
+    profile.meta["call_measured_s"] = call
+    profile.call_s = M.fixed_cost(call, placement, profile)
     return profile
 
 
@@ -506,8 +509,13 @@ def table(profile) -> str:
                 f"       {m / 1024:8.0f} KiB messages, {link.fan_streams} per process (flat "
                 f"plan's pattern): {bw / 1e9:8.3f} GB/s per host"
             )
+    measured = profile.meta.get("call_measured_s")
+    if measured is not None:
+        lines.append(
+            f"  one call of 8 B per device, default grid              {measured * 1e6:8.1f} us"
+        )
     lines.append(
-        f"  fixed cost of one call (8 B per device)               {profile.call_s * 1e6:8.1f} us"
+        f"  fixed cost of one call (less its exchanges, barriers) {profile.call_s * 1e6:8.1f} us"
     )
     lines.append(
         f"  overlap of memory work with messages (1: full, 0: none) {profile.overlap:8.2f}"
