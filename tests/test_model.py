@@ -1,6 +1,7 @@
 """jax_ddl.model: predictions against hand-computed cases, grid choice, profiles, scenario
 projection; topology="auto" against the same grid chosen by hand; the calibration CLI."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -174,6 +175,30 @@ def test_flat_plan_across_hosts_uses_the_fan_curve_the_hierarchy_the_ring():
     # A fan curve without the ring curve's count is not used (nothing to interpolate from).
     unknown = M.Link(0.0, 1e8, ((1 << 20, 1e8),), 0, ((1 << 20, 2e8),), 4)
     assert unknown.rate(1 << 20, 3) == pytest.approx(1e8)
+
+
+def test_link_latency_grows_with_the_messages_in_flight():
+    # 8-byte exchanges measured at 300 us with one message per process and 600 us with the
+    # flat pattern's 4: linear in the count between, held at the ends.
+    link = M.Link(300e-6, 1e8, fan_streams=4, fan_latency_s=600e-6)
+    assert link.latency() == pytest.approx(300e-6)
+    assert link.latency(1) == pytest.approx(300e-6)
+    assert link.latency(2) == pytest.approx(400e-6)
+    assert link.latency(4) == pytest.approx(600e-6)
+    assert link.latency(16) == pytest.approx(600e-6)
+    assert M.Link(300e-6, 1e8, fan_streams=4).latency(4) == pytest.approx(300e-6)  # unmeasured
+    # Flat grid 4 over 2 hosts x 2 single-device processes: each process sends 2 messages
+    # to the other host (400 us) and 1 to its mate (host level, 50 us): the exchange takes
+    # the slower, twice. The hierarchy 2 x 2: one message across (300 us), one to the mate.
+    prof = M.Profile(
+        **{**PROFILE.__dict__, "links": {"host": M.Link(50e-6, 1e15), "network": link}}
+    )
+    prof.links["network"] = dataclasses.replace(link, bandwidth_Bps=1e15)
+    place = M.Placement(2, 2, 1)
+    flat = M.predict(8, (4,), place, prof)
+    assert flat["messages_s"] == pytest.approx(2 * 400e-6, abs=1e-9)
+    tree = M.predict(8, (2, 2), place, prof)
+    assert tree["messages_s"] == pytest.approx(2 * 50e-6 + 2 * 300e-6, abs=1e-9)
 
 
 def test_one_rank_has_one_grid():
@@ -390,7 +415,7 @@ def test_profile_round_trip_and_bad_profiles(tmp_path):
             "reduce_shapes": {(2, 1): 2e9, (4, 4): 3e9},
             "links": {
                 "host": M.Link(0.0, 1e9),
-                "network": M.Link(1e-5, 1e8, ((1 << 20, 1e8),), 4, ((1 << 20, 2e8),), 16),
+                "network": M.Link(1e-5, 1e8, ((1 << 20, 1e8),), 4, ((1 << 20, 2e8),), 16, 3e-5),
             },
         }
     )
@@ -414,6 +439,7 @@ def test_profile_round_trip_and_bad_profiles(tmp_path):
         (lambda d: d["links"].pop("network"), "links.network is missing"),
         (lambda d: d["links"]["host"].update(bandwidth_Bps=0), "links.host needs bandwidths"),
         (lambda d: d["links"]["network"].update(fan_streams=-1), "links.network .*stream counts"),
+        (lambda d: d["links"]["network"].update(fan_latency_s=-1), "links.network .*latencies"),
         (lambda d: d["links"]["network"].update(fan_curve=[[1, 0]]), "links.network needs"),
         (lambda d: d.update(call_s=-1), "call_s, barrier_s"),
         (lambda d: d.update(overlap=2), "overlap must be in"),

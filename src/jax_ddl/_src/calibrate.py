@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -216,6 +217,9 @@ def overlap_term(
     return min(1.0, max(0.0, statistics.median(world.gather(w))))
 
 
+# Sweeps through a level's measurements that each point's repetitions are spread over.
+ROUNDS = 3
+
 # How often a process polls MPI while its pipelined exchanges wait: each waiting device
 # thread sleeps up to kPollEvery x the number of threads sleeping (PollCap in
 # ffi/cpu_handler.cc), so the process as a whole polls about every kPollEvery.
@@ -278,10 +282,10 @@ def link_terms(
     slowest = None
 
     def exchange(peers, size, k, fan=False):
-        """(seconds, maker): k messages of `size` bytes to and from every peer at once, one
-        per device slot on its comm; with `fan`, k * k (every slot to every slot of the
-        peer, on the receiving slot's comm and tagged with the sender's, as the flat plan
-        sends)."""
+        """A maker of one exchange, run once (connections set up outside the timing): k
+        messages of `size` bytes to and from every peer at once, one per device slot on
+        its comm; with `fan`, k * k (every slot to every slot of the peer, on the
+        receiving slot's comm and tagged with the sender's, as the flat plan sends)."""
         pairs = (
             [(a, 100 + b) for a in range(k) for b in range(k)]
             if fan
@@ -301,41 +305,78 @@ def link_terms(
 
             return run
 
-        run = make()
-        run()  # connections set up outside the timing
-        return max(world.gather(_timed(world, run, iters))), make
+        make()()
+        return make
 
-    def level(peers, host_messages, latency=None, fan=False, limit=cap):
-        """((latency, bandwidth, curve, messages in flight per process), the last size's
-        (seconds, maker)); `host_messages`: messages one host sends in one exchange."""
-        if latency is None:
-            latency, _ = exchange(peers, 8, 1)
-        k = devices * devices if fan else devices
-        curve, last = [], None
-        for m in sizes:
-            if m * k * len(peers) > limit and curve:
-                break
-            t, make = exchange(peers, m, devices, fan)
-            curve.append((m, host_messages * m / max(t - latency, 1e-9)))
-            last = (t, make)
-        return (latency, curve[-1][1], curve, k * len(peers)), last
+    def measure(points):
+        """(seconds, maker) of one exchange per (peers, size, k, fan) point: the median of
+        its repetitions in each process, the slowest process's. The repetitions are spread
+        over ROUNDS sweeps through all the points, so that a few seconds of a slower
+        machine (its speed swings within a minute here) shift every point a little rather
+        than one point a lot, and the points that the model compares (DDL's pattern and
+        the flat plan's) see the same machine."""
+        makers = [exchange(*pt) for pt in points]
+        runs = [make() for make in makers]
+        times = [[] for _ in points]
+        per = max(1, math.ceil(iters / ROUNDS))
+        for _ in range(ROUNDS):
+            for run, out_times in zip(runs, times):
+                for _ in range(per):
+                    world.barrier()
+                    t0 = time.perf_counter()
+                    run()
+                    out_times.append(time.perf_counter() - t0)
+        return [(max(world.gather(statistics.median(t))), m) for t, m in zip(times, makers)]
+
+    def curve_sizes(peers, k, limit):
+        """The message sizes measured: up to `limit` bytes in flight per process (at least
+        the smallest)."""
+        out = [m for m in sizes if m * k * len(peers) <= limit]
+        return out or sizes[:1]
+
+    def result(latency, measured, host_messages, streams):
+        """(latency, bandwidth, curve, messages in flight per process) from (size, (seconds,
+        maker)) pairs; `host_messages`: messages one host sends in one exchange."""
+        curve = [(m, host_messages * m / max(t - latency, 1e-9)) for m, (t, _) in measured]
+        return (latency, curve[-1][1], curve, streams)
 
     if hosts > 1:
         nxt = ((host + 1) % hosts) * per_host + local
         prv = ((host - 1) % hosts) * per_host + local
-        out["network"], slowest = level([(prv, nxt)], per_host * devices)
+        ring = [(prv, nxt)]
         # The flat plan's pattern: every slot to every slot of every process of the other
-        # hosts at once.
+        # hosts at once, measured in the same sweeps as DDL's.
         far = [(q, q) for q in range(hosts * per_host) if q // per_host != host]
-        if len(far) * devices * devices > devices:  # else the same pattern as above
-            out["network_fan"], _ = level(
-                far, per_host * len(far) * devices**2, out["network"][0], fan=True, limit=4 * cap
+        ring_sizes = curve_sizes(ring, devices, cap)
+        fan_sizes = []
+        if len(far) * devices * devices > devices:  # else the same pattern as DDL's
+            fan_sizes = curve_sizes(far, devices * devices, 4 * cap)
+        fan_points = [(far, 8, devices, True)] if fan_sizes else []
+        fan_points += [(far, m, devices, True) for m in fan_sizes]
+        got = measure([(ring, 8, 1)] + [(ring, m, devices) for m in ring_sizes] + fan_points)
+        latency = got[0][0]
+        ring_got = list(zip(ring_sizes, got[1 : 1 + len(ring_sizes)]))
+        out["network"] = result(latency, ring_got, per_host * devices, devices)
+        slowest = ring_got[-1][1]
+        if fan_sizes:
+            # Its own latency: 8 bytes in its pattern (every message costs CPU time).
+            fan_got = got[1 + len(ring_sizes) :]
+            out["network_fan"] = result(
+                fan_got[0][0],
+                list(zip(fan_sizes, fan_got[1:])),
+                per_host * len(far) * devices**2,
+                devices * devices * len(far),
             )
     if per_host > 1:
-        mates = [host * per_host + q for q in range(per_host) if q != local]
-        out["host"], last = level([(q, q) for q in mates], per_host * len(mates) * devices)
+        mates = [(q, q) for q in range(host * per_host, (host + 1) * per_host) if q != world.rank]
+        mate_sizes = curve_sizes(mates, devices, cap)
+        got = measure([(mates, 8, 1)] + [(mates, m, devices) for m in mate_sizes])
+        mate_got = list(zip(mate_sizes, got[1:]))
+        out["host"] = result(
+            got[0][0], mate_got, per_host * len(mates) * devices, devices * len(mates)
+        )
         if "network" not in out:
-            slowest = last
+            slowest = mate_got[-1][1]
     if copy_Bps > 0 and slowest is not None:
         out["overlap"] = overlap_term(world, slowest[1], slowest[0], devices, copy_Bps, iters)
     return out
@@ -466,7 +507,10 @@ def calibrate(args) -> dict:
     )
     if fan is not None:
         profile.links["network"] = dataclasses.replace(
-            profile.links["network"], fan_curve=tuple(fan[2]), fan_streams=fan[3]
+            profile.links["network"],
+            fan_curve=tuple(fan[2]),
+            fan_streams=fan[3],
+            fan_latency_s=fan[0],
         )
     # Levels this launch does not have keep the built-in terms, marked as such.
     for level in M.LEVELS:
@@ -503,6 +547,11 @@ def table(profile) -> str:
             lines.append(
                 f"       {m / 1024:8.0f} KiB messages, one per device slot to each peer: "
                 f"{bw / 1e9:8.3f} GB/s per host"
+            )
+        if link.fan_latency_s > 0:
+            lines.append(
+                f"       latency with {link.fan_streams} messages per process (flat plan's "
+                f"pattern): {link.fan_latency_s * 1e6:9.1f} us"
             )
         for m, bw in link.fan_curve:
             lines.append(

@@ -129,6 +129,21 @@ class Link:
     # messages in flight: at 10 Gbit/s here 1.1-1.9x the per-host rate at 0.5-2 MiB.
     fan_curve: tuple = ()
     fan_streams: int = 0
+    # The latency (8 bytes) in that pattern; 0: not measured (latency_s for every count).
+    fan_latency_s: float = 0.0
+
+    def latency(self, streams: float = 0) -> float:
+        """Latency of an exchange with `streams` messages per process in flight: each
+        message costs the processes' CPUs (on this 2-core machine with 8 processes, 8-byte
+        exchanges took 0.32 ms with one message per process and more with several).
+        Linear in the count between latency_s (one message) and fan_latency_s (fan_streams
+        messages), held at the ends."""
+        if self.fan_latency_s <= 0 or self.fan_streams <= 1 or streams <= 1:
+            return self.latency_s
+        if streams >= self.fan_streams:
+            return self.fan_latency_s
+        w = (streams - 1) / (self.fan_streams - 1)
+        return self.latency_s + w * (self.fan_latency_s - self.latency_s)
 
     def rate(self, message_bytes: float, streams: float = 0) -> float:
         """Bandwidth for messages of this size: interpolated in log(size) on the curve,
@@ -238,6 +253,7 @@ class Profile:
                     int(v.get("streams", 0)),
                     tuple((int(m), float(b)) for m, b in v.get("fan_curve", [])),
                     int(v.get("fan_streams", 0)),
+                    float(v.get("fan_latency_s", 0.0)),
                 )
                 for k, v in d["links"].items()
             }
@@ -278,12 +294,13 @@ class Profile:
             elif (
                 link.bandwidth_Bps <= 0
                 or link.latency_s < 0
+                or link.fan_latency_s < 0
                 or any(b <= 0 for _, b in link.curve + link.fan_curve)
                 or link.streams < 0
                 or link.fan_streams < 0
             ):
                 problems.append(
-                    f"links.{level} needs bandwidths > 0, a latency >= 0 and stream counts >= 0"
+                    f"links.{level} needs bandwidths > 0, latencies >= 0 and stream counts >= 0"
                 )
         if p.call_s < 0 or p.barrier_s < 0 or any(v < 0 for _, v in p.faults):
             problems.append("call_s, barrier_s and page-fault costs must be >= 0")
@@ -404,12 +421,12 @@ def _link_time(
     profile: Profile, net_bytes: float, host_bytes: float, message: float, streams: float = 0
 ) -> float:
     """Seconds of one exchange: the busiest host's bytes at each level, at the bandwidth
-    the level has for messages of `message` bytes (and, between hosts, `streams` messages
-    in flight per process), plus the level's latency."""
+    the level has for messages of `message` bytes, plus the level's latency (between
+    hosts both for `streams` messages in flight per process)."""
     t = 0.0
     if net_bytes > 0:
         link = profile.links["network"]
-        t = max(t, link.latency_s + net_bytes / link.rate(message, streams))
+        t = max(t, link.latency(streams) + net_bytes / link.rate(message, streams))
     if host_bytes > 0:
         link = profile.links.get("host", profile.links["network"])
         t = max(t, link.latency_s + host_bytes / link.rate(message))
