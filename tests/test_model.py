@@ -188,15 +188,16 @@ def test_link_latency_grows_with_the_messages_in_flight():
     assert link.latency(16) == pytest.approx(600e-6)
     assert M.Link(300e-6, 1e8, fan_streams=4).latency(4) == pytest.approx(300e-6)  # unmeasured
     # Flat grid 4 over 2 hosts x 2 single-device processes: each process sends 2 messages
-    # to the other host (400 us) and 1 to its mate (host level, 50 us): the exchange takes
-    # the slower, twice. The hierarchy 2 x 2: one message across (300 us), one to the mate.
+    # to the other host (400 us) and 1 to its mate (host level, 50 us) in one exchange:
+    # the latencies add, twice. The hierarchy 2 x 2: one message across (300 us) in one
+    # exchange, one to the mate in another.
     prof = M.Profile(
         **{**PROFILE.__dict__, "links": {"host": M.Link(50e-6, 1e15), "network": link}}
     )
     prof.links["network"] = dataclasses.replace(link, bandwidth_Bps=1e15)
     place = M.Placement(2, 2, 1)
     flat = M.predict(8, (4,), place, prof)
-    assert flat["messages_s"] == pytest.approx(2 * 400e-6, abs=1e-9)
+    assert flat["messages_s"] == pytest.approx(2 * (400e-6 + 50e-6), abs=1e-9)
     tree = M.predict(8, (2, 2), place, prof)
     assert tree["messages_s"] == pytest.approx(2 * 50e-6 + 2 * 300e-6, abs=1e-9)
 
@@ -239,7 +240,7 @@ def test_fixed_cost_is_the_measured_small_call_less_what_the_model_charges_it():
     # each); links fast enough that 8 bytes add nothing. A measured 8-byte call of 2 ms
     # leaves 2 - 0.1 - 0.6 - 0.04 = 1.26 ms of fixed cost (less the 8 bytes' memory work,
     # under 0.1 us), the model then predicts that call at what was measured, and the flat
-    # grid pays one exchange pair at the slower level.
+    # grid pays both levels' latencies in each of its two exchanges.
     prof = M.Profile(
         **{
             **PROFILE.__dict__,
@@ -254,7 +255,7 @@ def test_fixed_cost_is_the_measured_small_call_less_what_the_model_charges_it():
     prof.call_s = fixed
     assert M.predict(8, (2, 2), place, prof)["time_s"] == pytest.approx(2e-3, rel=1e-6)
     flat = M.predict(8, (4,), place, prof)["time_s"]
-    assert flat == pytest.approx(1.26e-3 + 2 * 300e-6 + 2 * 20e-6, abs=1e-7)
+    assert flat == pytest.approx(1.26e-3 + 2 * (300e-6 + 50e-6) + 2 * 20e-6, abs=1e-7)
     assert M.fixed_cost(1e-4, place, prof) == 0.0  # never negative
 
 
